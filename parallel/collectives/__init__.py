@@ -1,0 +1,14 @@
+"""ringtrain's collective library: ring, recursive halving-doubling, tree and native
+algorithms behind one registry. See api.py for the ops and README for the matrix."""
+
+from .api import all_gather, all_reduce, all_to_all, broadcast, exchange_split_sizes, reduce_scatter
+from .communicator import Communicator, Handle
+from .reduce_ops import REDUCE_OPS, split_bounds, split_sizes
+from .registry import ALGORITHMS, OPS, Tuning, available
+from .transport import CommStats, Transport
+
+__all__ = [
+    "ALGORITHMS", "OPS", "REDUCE_OPS", "CommStats", "Communicator", "Handle", "Transport", "Tuning",
+    "all_gather", "all_reduce", "all_to_all", "available", "broadcast", "exchange_split_sizes",
+    "reduce_scatter", "split_bounds", "split_sizes",
+]

@@ -1,0 +1,81 @@
+"""`native`: torch.distributed's own collectives, the baseline every algorithm is measured against.
+
+Uneven pieces (numel not divisible by the world size) are padded to equal
+pieces, since the backends' tensor collectives need equal pieces.
+Precision is the backend's: gloo and NCCL reduce half types in their dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .reduce_ops import split_bounds
+from .registry import register
+from .transport import Transport
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _reduce_op(op: str, group):
+    if op == "avg":
+        return dist.ReduceOp.AVG
+    return _OPS[op]
+
+
+@register("all_reduce", "native")
+def native_all_reduce(tp: Transport, flat, op, tuning) -> None:
+    tp.stats.bytes_sent += _ring_bytes(flat, tp.size, 2)
+    dist.all_reduce(flat, op=_reduce_op(op, tp.group), group=tp.group)
+
+
+@register("reduce_scatter", "native")
+def native_reduce_scatter(tp: Transport, out, inp, op, tuning) -> None:
+    p = tp.size
+    tp.stats.bytes_sent += _ring_bytes(inp, p, 1)
+    if inp.numel() % p == 0:
+        dist.reduce_scatter_tensor(out, inp, op=_reduce_op(op, tp.group), group=tp.group)
+        return
+    bounds = split_bounds(inp.numel(), p)
+    width = bounds[1] - bounds[0]
+    padded = inp.new_zeros(width * p)
+    for c in range(p):
+        padded[c * width: c * width + bounds[c + 1] - bounds[c]].copy_(inp[bounds[c]:bounds[c + 1]])
+    piece = inp.new_empty(width)
+    dist.reduce_scatter_tensor(piece, padded, op=_reduce_op(op, tp.group), group=tp.group)
+    out.copy_(piece[: out.numel()])
+
+
+@register("all_gather", "native")
+def native_all_gather(tp: Transport, out, inp, tuning) -> None:
+    p = tp.size
+    tp.stats.bytes_sent += _ring_bytes(out, p, 1)
+    if out.numel() % p == 0:
+        dist.all_gather_into_tensor(out, inp, group=tp.group)
+        return
+    bounds = split_bounds(out.numel(), p)
+    width = bounds[1] - bounds[0]
+    mine = inp.new_zeros(width)
+    mine[: inp.numel()].copy_(inp)
+    gathered = inp.new_empty(width * p)
+    dist.all_gather_into_tensor(gathered, mine, group=tp.group)
+    for c in range(p):
+        out[bounds[c]:bounds[c + 1]].copy_(gathered[c * width: c * width + bounds[c + 1] - bounds[c]])
+
+
+@register("all_to_all", "native")
+def native_all_to_all(tp: Transport, out, inp, out_splits, in_splits, tuning) -> None:
+    tp.stats.bytes_sent += (inp.numel() - in_splits[tp.rank]) * inp.element_size()
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=tp.group)
+
+
+@register("broadcast", "native")
+def native_broadcast(tp: Transport, flat, src, tuning) -> None:
+    if tp.rank == src:
+        tp.stats.bytes_sent += flat.numel() * flat.element_size()
+    dist.broadcast(flat, src=dist.get_global_rank(tp.group, src), group=tp.group)
+
+
+def _ring_bytes(t: torch.Tensor, p: int, phases: int) -> int:
+    """What a bandwidth-optimal backend sends per rank; the backend does not report it."""
+    return phases * (p - 1) * t.numel() * t.element_size() // max(p, 1)

@@ -14,10 +14,16 @@ from .reduce_ops import combine_, split_bounds
 from .transport import Transport, wait_all
 
 
-def segment_count(max_elems: int, element_size: int, segment_bytes: int) -> int:
-    """Segments to cut a piece of max_elems into: >= 2 when it has 2+ elements."""
-    want = -(-max_elems * element_size // segment_bytes)
-    return max(1, min(max_elems, max(2, want)))
+def segment_count(max_elems: int, element_size: int, tuning) -> int:
+    """Segments to cut a piece into: about tuning.segment_bytes each, and at least 2
+    (so one is reduced while the next travels) once the piece reaches
+    2 x tuning.min_split_bytes; smaller pieces travel whole, since a second
+    message costs more latency than the overlap buys."""
+    nbytes = max_elems * element_size
+    want = -(-nbytes // tuning.segment_bytes)
+    if nbytes >= 2 * tuning.min_split_bytes:
+        want = max(2, want)
+    return max(1, min(max_elems, want))
 
 
 def run_window(n_units: int, window: int, post: Callable[[int], list], finish: Callable[[int], None] | None) -> None:
@@ -43,7 +49,7 @@ def exchange(tp: Transport, send, dst: int, recv, src: int, tuning, reduce_op: s
     ns = send.numel() if send is not None else 0
     nr = recv.numel() if recv is not None else 0
     ref = send if send is not None else recv
-    nseg = segment_count(max(ns, nr, 1), ref.element_size(), tuning.segment_bytes)
+    nseg = segment_count(max(ns, nr, 1), ref.element_size(), tuning)
     sb, rb = split_bounds(ns, nseg), split_bounds(nr, nseg)
     window = min(tuning.window, nseg)
     staging = None

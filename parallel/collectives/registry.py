@@ -26,16 +26,20 @@ OPS: tuple[str, ...] = get_args(OpName)
 
 @dataclass(frozen=True)
 class Tuning:
-    """How hand-written algorithms cut a buffer into pipelined segments."""
+    """How the hand-written algorithms cut a buffer into pipelined segments."""
 
-    segment_bytes: int = 1 << 20
+    segment_bytes: int = 4 << 20
     """Target bytes per message segment; a piece of at least 2 elements is cut into >= 2."""
-    window: int = 4
+    window: int = 2
     """Segments in flight at once (>= 2, so one is reduced while the next travels)."""
+    min_split_bytes: int = 64 << 10
+    """Pieces under twice this travel as one message (latency beats overlap there)."""
 
     def __post_init__(self):
         if self.segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be > 0, got {self.segment_bytes}")
+        if self.min_split_bytes < 0:
+            raise ValueError(f"min_split_bytes must be >= 0, got {self.min_split_bytes}")
         if self.window < 2:
             raise ValueError(f"window must be >= 2, got {self.window}")
 

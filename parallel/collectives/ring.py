@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .pipeline import run_window, segment_count
-from .reduce_ops import combine_into, finish_, split_bounds
+from .reduce_ops import combine_, combine_into, finish_, split_bounds
 from .registry import register
 from .transport import Transport
 
@@ -26,7 +26,7 @@ def _segmentation(bounds: list[int], elem_size: int, tuning) -> tuple[int, list[
     """One segment count for all pieces; segment j of piece c is segs[c][j:j+2]."""
     p = len(bounds) - 1
     lengths = [bounds[c + 1] - bounds[c] for c in range(p)]
-    nseg = segment_count(max(max(lengths), 1), elem_size, tuning.segment_bytes)
+    nseg = segment_count(max(max(lengths), 1), elem_size, tuning)
     return nseg, [split_bounds(n, nseg) for n in lengths]
 
 
@@ -65,7 +65,7 @@ def ring_reduce_scatter_pieces(tp: Transport, src: torch.Tensor, bounds: list[in
         s, j = divmod(k, nseg)
         a, b = segs[send_c[s]][j:j + 2]
         c, d = segs[recv_c[s]][j:j + 2]
-        return tp.post([(sources[s][a:b], nxt)], [(staging[k % window][: d - c], prv)])
+        return tp.post([(sources[s][a:b], nxt)], [(staging[k % window][: d - c], prv)], channel=k)
 
     def finish(k):
         s, j = divmod(k, nseg)
@@ -92,17 +92,52 @@ def ring_all_gather_pieces(tp: Transport, buf: torch.Tensor, bounds: list[int], 
         a, b = segs[cs][j:j + 2]
         c, d = segs[cr][j:j + 2]
         return tp.post([(buf[bounds[cs] + a: bounds[cs] + b], nxt)],
-                       [(buf[bounds[cr] + c: bounds[cr] + d], prv)])
+                       [(buf[bounds[cr] + c: bounds[cr] + d], prv)], channel=k)
 
     run_window((p - 1) * nseg, window, post, None)
 
 
 @register("all_reduce", "ring")
 def ring_all_reduce(tp: Transport, flat: torch.Tensor, op: str, tuning) -> None:
-    bounds = split_bounds(flat.numel(), tp.size)
-    mine = ring_reduce_scatter_pieces(tp, flat, bounds, op, tuning)
-    finish_(mine, op, tp.size)  # average one piece, not the whole buffer
-    ring_all_gather_pieces(tp, flat, bounds, tuning)
+    """Reduce-scatter then all-gather as one stream of segments.
+
+    The all-gather of segment j starts as soon as segment j of this rank's
+    piece is final, so the pipeline does not drain between the two phases.
+    """
+    p, r = tp.size, tp.rank
+    if p == 1:
+        return
+    bounds = split_bounds(flat.numel(), p)
+    nseg, segs = _segmentation(bounds, flat.element_size(), tuning)
+    window = min(tuning.window, nseg)
+    stage_len = max(segs[c][1] - segs[c][0] for c in range(p))
+    staging = [flat.new_empty(stage_len) for _ in range(window)]
+    nxt, prv = (r + 1) % p, (r - 1) % p
+    rs_units = (p - 1) * nseg
+
+    def seg(c, j):
+        a, b = segs[c][j:j + 2]
+        return flat[bounds[c] + a: bounds[c] + b]
+
+    def post(k):
+        if k < rs_units:  # reduce-scatter: send piece r-s-1, receive piece r-s-2 into staging
+            s, j = divmod(k, nseg)
+            incoming = seg((r - s - 2) % p, j)
+            return tp.post([(seg((r - s - 1) % p, j), nxt)],
+                           [(staging[k % window][: incoming.numel()], prv)], channel=k)
+        s, j = divmod(k - rs_units, nseg)  # all-gather: forward piece r-s, land piece r-s-1 in place
+        return tp.post([(seg((r - s) % p, j), nxt)], [(seg((r - s - 1) % p, j), prv)], channel=k)
+
+    def finish(k):
+        if k >= rs_units:
+            return
+        s, j = divmod(k, nseg)
+        target = seg((r - s - 2) % p, j)
+        combine_(target, staging[k % window][: target.numel()], op)
+        if s == p - 2:
+            finish_(target, op, p)  # this segment of piece r is final: average it before it travels
+
+    run_window(2 * rs_units, window, post, finish)
 
 
 @register("reduce_scatter", "ring")
@@ -127,7 +162,7 @@ def ring_broadcast(tp: Transport, flat: torch.Tensor, src: int, tuning) -> None:
         return
     v = (tp.rank - src) % p
     prv, nxt = (tp.rank - 1) % p, (tp.rank + 1) % p
-    nseg = segment_count(flat.numel(), flat.element_size(), tuning.segment_bytes)
+    nseg = segment_count(flat.numel(), flat.element_size(), tuning)
     sb = split_bounds(flat.numel(), nseg)
     seg = lambda j: flat[sb[j]:sb[j + 1]]  # noqa: E731
     if v == 0:

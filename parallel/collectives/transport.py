@@ -35,26 +35,31 @@ class CommStats:
 class Transport:
     """Sends and receives between the ranks of one process group."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
+                 channels: list[dist.ProcessGroup] | None = None):
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self._global = dist.get_process_group_ranks(self.group)
         self.stats = stats if stats is not None else CommStats()
+        # Extra groups over the same ranks: each is its own connection (and, on
+        # gloo, its own I/O thread), so segments striped over them travel in parallel.
+        self.channels = [self.group] + list(channels or [])
 
-    def post(self, sends=(), recvs=()) -> list[dist.Work]:
+    def post(self, sends=(), recvs=(), channel: int = 0) -> list[dist.Work]:
         """Posts sends [(tensor, dst)] and receives [(tensor, src)], group ranks.
 
         Returns the handles to wait on. Empty tensors are not sent: sender and
         receiver derive the same sizes, so both sides skip the same messages.
         """
+        group = self.channels[channel % len(self.channels)]
         ops = []
         for tensor, src in recvs:
             if tensor.numel():
-                ops.append(dist.P2POp(dist.irecv, tensor, self._global[src], self.group))
+                ops.append(dist.P2POp(dist.irecv, tensor, self._global[src], group))
         for tensor, dst in sends:
             if tensor.numel():
-                ops.append(dist.P2POp(dist.isend, tensor, self._global[dst], self.group))
+                ops.append(dist.P2POp(dist.isend, tensor, self._global[dst], group))
                 self.stats.bytes_sent += tensor.numel() * tensor.element_size()
         if not ops:
             return []

@@ -1,0 +1,19 @@
+"""`torchrun --nproc_per_node=N -m parallel.bench ops=[...] algorithms=[...] ...`"""
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+
+from .config import BenchConfig
+from .run import run_bench
+
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="bench")
+def main(cfg) -> None:
+    run_bench(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

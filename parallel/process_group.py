@@ -1,0 +1,76 @@
+"""Starting and stopping torch.distributed, the backend chosen from the device.
+
+Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR ...)
+describes the job; run as plain `python` it is a world of one. CUDA machines
+get NCCL with one GPU per local rank, everything else gets gloo on the CPU:
+the same code runs on both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_backend(requested: str = "auto") -> str:
+    if requested not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend must be auto, gloo or nccl, got {requested!r}")
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs CUDA GPUs, and none is visible")
+    return requested
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
+    """Joins the job torchrun started, or makes a world of one when there is none."""
+    backend = pick_backend(backend)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        if launched:
+            dist.init_process_group(backend, timeout=timeout, **kwargs)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout, **kwargs)
+    return DistContext(rank, world, local_rank, backend, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

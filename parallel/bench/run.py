@@ -41,12 +41,12 @@ def run_bench(cfg, out_dir: str | Path) -> list[report.Row]:
     ctx = init_distributed(plan.backend)
     _quiet_other_ranks(ctx.rank)
     try:
-        return _sweep(plan, ctx, Path(out_dir), cfg)
+        return _sweep(plan, ctx, Path(out_dir), progress=bool(cfg.progress), plot=bool(cfg.plot))
     finally:
         shutdown()
 
 
-def _sweep(plan: BenchPlan, ctx, out_dir: Path, cfg) -> list[report.Row]:
+def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> list[report.Row]:
     world, main = ctx.world_size, ctx.is_main
     tuning = Tuning(segment_bytes=plan.segment_bytes, window=plan.window)
     comms = {a: Communicator(algorithm=a, tuning=tuning) for a in plan.algorithms}
@@ -62,7 +62,7 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, cfg) -> list[report.Row]:
         for op, a in skipped:
             print(f"# skipped: {a} has no {op} (algorithms for {op}: {', '.join(available(op))})")
     rows: list[report.Row] = []
-    bar = tqdm(total=len(pairs) * len(plan.sizes), disable=not (main and cfg.progress),
+    bar = tqdm(total=len(pairs) * len(plan.sizes), disable=not (main and progress),
                file=sys.stderr, desc="bench", leave=False)
     lines = []
     for op in plan.ops:
@@ -89,7 +89,8 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, cfg) -> list[report.Row]:
                 rows.append(row)
                 if main:
                     lines.append(report.table_line(row, plan.reduce_op))
-                    bar.write(lines[-1]) if cfg.progress else None
+                    if progress:
+                        bar.write(lines[-1])
                 bar.update(1)
     bar.close()
     for c in comms.values():
@@ -97,7 +98,7 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, cfg) -> list[report.Row]:
     if main:
         summary = report.summarize(rows, plan.large_min_bytes, plan.small_max_bytes)
         text = report.summary_text(summary, memcpy, world)
-        if not cfg.progress:
+        if not progress:
             print("\n".join(lines))
         print(text, flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, cfg) -> list[report.Row]:
                 "memcpy_gbps": memcpy, "torch": torch.__version__, "python": platform.python_version(),
                 "host": platform.node(), "skipped": [f"{a}/{op}" for op, a in skipped]}
         report.write_json(out_dir / "results.json", rows, summary, meta)
-        if cfg.plot:
+        if plot:
             report.plot_busbw(out_dir / "busbw.png", rows, memcpy, world)
         log.info("wrote %s", out_dir)
     return rows

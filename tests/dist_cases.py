@@ -1,0 +1,153 @@
+"""Case functions run inside the worker pool (see harness.py): fn(rank, world, **kwargs).
+
+Inputs are derived from (seed, rank) by `rank_input`, so the test process can
+rebuild every rank's input and compute the float64 reference itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.collectives import (
+    Communicator, Tuning, all_gather, all_reduce, all_to_all, broadcast, exchange_split_sizes,
+    reduce_scatter, split_bounds,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64, "int32": torch.int32, "int64": torch.int64, "int8": torch.int8}
+
+
+def rank_input(seed: int, rank: int, n: int, dtype: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    dt = DTYPES[dtype]
+    if dt.is_floating_point:
+        return torch.randn(n, generator=g, dtype=torch.float64).to(dt)
+    hi = 20 if dt == torch.int8 else 1000
+    return torch.randint(-hi, hi, (n,), generator=g, dtype=torch.int64).to(dt)
+
+
+def a2a_splits(seed: int, world: int, max_piece: int) -> list[list[int]]:
+    """splits[i][j]: elements rank i sends to rank j (some zero)."""
+    return [[(seed + 3 * i + 5 * j + i * j) % (max_piece + 1) for j in range(world)] for i in range(world)]
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous view."""
+    base = torch.zeros(x.numel(), 2, dtype=x.dtype)
+    view = base[:, 1]
+    view.copy_(x)
+    return view
+
+
+def run_spec(rank: int, world: int, spec: dict) -> torch.Tensor:
+    op, algo, dtype, n, seed = spec["op"], spec["algorithm"], spec["dtype"], spec["n"], spec["seed"]
+    tuning = Tuning(*spec.get("tuning", (4 << 20, 2, 64 << 10)))
+    maybe_strided = _strided if spec.get("noncontig") else (lambda t: t)
+    b = split_bounds(n, world)
+    if op == "all_reduce":
+        x = maybe_strided(rank_input(seed, rank, n, dtype))
+        all_reduce(x, op=spec.get("reduce_op", "sum"), algorithm=algo, tuning=tuning)
+        return x.clone()
+    if op == "reduce_scatter":
+        out = maybe_strided(torch.empty(b[rank + 1] - b[rank], dtype=DTYPES[dtype]))
+        reduce_scatter(out, rank_input(seed, rank, n, dtype), op=spec.get("reduce_op", "sum"),
+                       algorithm=algo, tuning=tuning)
+        return out.clone()
+    if op == "all_gather":
+        out = maybe_strided(torch.empty(n, dtype=DTYPES[dtype]))
+        all_gather(out, rank_input(seed, rank, n, dtype)[b[rank]:b[rank + 1]], algorithm=algo, tuning=tuning)
+        return out.clone()
+    if op == "broadcast":
+        x = maybe_strided(rank_input(seed, rank, n, dtype))
+        broadcast(x, seed % world, algorithm=algo, tuning=tuning)
+        return x.clone()
+    if op == "all_to_all":
+        splits = a2a_splits(seed, world, n)
+        ins = splits[rank]
+        outs = [splits[i][rank] for i in range(world)]
+        out = maybe_strided(torch.empty(sum(outs), dtype=DTYPES[dtype]))
+        all_to_all(out, rank_input(seed, rank, sum(ins), dtype), output_split_sizes=outs,
+                   input_split_sizes=ins, algorithm=algo, tuning=tuning)
+        return out.clone()
+    raise ValueError(op)
+
+
+def run_specs(rank: int, world: int, specs: list[dict]) -> list[torch.Tensor]:
+    return [run_spec(rank, world, s) for s in specs]
+
+
+def async_all_reduce(rank: int, world: int, algorithm: str, n: int, count: int) -> list[torch.Tensor]:
+    """`count` asynchronous all-reduces in flight at once, then one synchronous one."""
+    comm = Communicator(algorithm=algorithm, tuning=Tuning(256, 2, 0))
+    xs = [rank_input(100 + i, rank, n, "float32") for i in range(count)]
+    handles = [comm.all_reduce(x, async_op=True) for x in xs]
+    last = rank_input(999, rank, n, "float32")
+    comm.all_reduce(last)  # must wait for the queued ones, keeping message order
+    for h in handles:
+        h.wait()
+    comm.close()
+    assert comm.stats.bytes_sent > 0 or world == 1
+    return xs + [last]
+
+
+def bad_inputs(rank: int, world: int) -> dict[str, str]:
+    """Every bad call must raise on the calling rank before sending; returns the messages."""
+    f32, f16 = torch.zeros(8), torch.zeros(8, dtype=torch.float16)
+    calls = {
+        "reduce_scatter wrong output size": lambda: reduce_scatter(torch.zeros(3 + world), f32),
+        "all_gather wrong input size": lambda: all_gather(torch.zeros(8), torch.zeros(9)),
+        "dtype mismatch": lambda: reduce_scatter(torch.zeros(8 // world if 8 % world == 0 else 1,
+                                                             dtype=torch.float16), f32),
+        "unknown algorithm": lambda: all_reduce(f32, algorithm="butterfly"),
+        "unknown op": lambda: all_reduce(f32, op="prod"),
+        "avg on integers": lambda: all_reduce(torch.zeros(4, dtype=torch.int32), op="avg"),
+        "algorithm without this op": lambda: reduce_scatter(torch.zeros(1), torch.zeros(world), algorithm="tree"),
+        "input splits do not add up": lambda: all_to_all(torch.zeros(world), torch.zeros(world),
+                                                         input_split_sizes=[2] * world,
+                                                         output_split_sizes=[1] * world),
+        "too few splits": lambda: all_to_all(torch.zeros(world), torch.zeros(world),
+                                             input_split_sizes=[world], output_split_sizes=[1] * world),
+        "not a tensor": lambda: all_reduce([1.0, 2.0]),
+        "broadcast src out of range": lambda: broadcast(f32, world),
+        "device mismatch": lambda: all_reduce(torch.zeros(2, device="meta")),
+        "half vs float gather": lambda: all_gather(torch.zeros(8, dtype=torch.float16), f32),
+    }
+    del f16
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except (ValueError, TypeError) as e:
+            messages[name] = f"{type(e).__name__}: {e}"
+        else:
+            messages[name] = "NO ERROR"
+    # the group is still usable: nothing was sent by the bad calls
+    x = torch.full((5,), float(rank))
+    all_reduce(x)
+    messages["after"] = x.tolist()
+    return messages
+
+
+def split_size_exchange(rank: int, world: int) -> list[int]:
+    return exchange_split_sizes([rank * 10 + j for j in range(world)])
+
+
+def subgroup_all_reduce(rank: int, world: int, algorithm: str) -> list[float]:
+    """All-reduce inside the group of even ranks and the group of odd ranks."""
+    groups = [dist.new_group([r for r in range(world) if r % 2 == k]) for k in range(2)]
+    x = torch.full((1000,), float(rank + 1))
+    all_reduce(x, groups[rank % 2], algorithm=algorithm, tuning=Tuning(256, 2, 0))
+    return x[:2].tolist()
+
+
+def half_sum(rank: int, world: int, p: int) -> dict[str, float]:
+    """Rank 0 holds a value whose half-precision spacing is 2, every other rank holds 1:
+    a half-precision add of big + 1 rounds back to big, so only a float32 accumulator
+    reaches the exact sum big + (p - 1) (representable when p - 1 is even)."""
+    out = {}
+    for dtype, big in (("float16", 2048.0), ("bfloat16", 256.0)):
+        x = torch.tensor([big if rank == 0 else 1.0], dtype=DTYPES[dtype])
+        all_reduce(x, algorithm="tree")
+        out[dtype] = float(x.item())
+    return out

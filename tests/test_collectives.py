@@ -1,0 +1,181 @@
+"""Every algorithm x op x dtype x awkward size, on 1 to 5 gloo ranks, against a
+float64 reference computed here from the same per-rank inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from dist_cases import a2a_splits, rank_input
+from parallel.collectives import available, split_bounds
+
+WORLD_SIZES = [1, 2, 3, 4, 5]
+FLOATS = ["float32", "float16", "bfloat16", "float64"]
+INTS = ["int32", "int64", "int8"]
+SMALL_SEGMENTS = (256, 2, 0)  # 256-byte segments, 2 in flight, split everything: the pipelined paths
+
+
+def sizes_for(p: int) -> list[int]:
+    return sorted({0, 1, max(p - 1, 1), p + 1, 2 * p + 3, 1000, 4099})
+
+
+def reference(spec: dict, p: int) -> list[torch.Tensor]:
+    op, n, seed, dtype = spec["op"], spec["n"], spec["seed"], spec["dtype"]
+    xs = [rank_input(seed, r, n, dtype).double() for r in range(p)]
+    rop = spec.get("reduce_op", "sum")
+    b = split_bounds(n, p)
+    if op in ("all_reduce", "reduce_scatter"):
+        stack = torch.stack(xs) if n else torch.zeros(p, 0, dtype=torch.float64)
+        red = {"sum": lambda: stack.sum(0), "avg": lambda: stack.sum(0) / p,
+               "max": lambda: stack.max(0).values if n else stack.sum(0),
+               "min": lambda: stack.min(0).values if n else stack.sum(0)}[rop]()
+        return [red] * p if op == "all_reduce" else [red[b[r]:b[r + 1]] for r in range(p)]
+    if op == "all_gather":
+        full = torch.cat([xs[q][b[q]:b[q + 1]] for q in range(p)])
+        return [full] * p
+    if op == "broadcast":
+        return [xs[seed % p]] * p
+    if op == "all_to_all":
+        splits = a2a_splits(seed, p, n)
+        ins = [rank_input(seed, r, sum(splits[r]), dtype).double() for r in range(p)]
+        offs = [[sum(splits[i][:j]) for j in range(p + 1)] for i in range(p)]
+        return [torch.cat([ins[i][offs[i][r]:offs[i][r + 1]] for i in range(p)]) for r in range(p)]
+    raise ValueError(op)
+
+
+def tolerance(dtype: str, p: int) -> dict:
+    # ring/rhd round once per hop (p-1 hops at most); randn partial sums stay below ~4 sqrt(p)
+    if dtype == "float16":
+        return {"atol": 4e-3 * p, "rtol": 2e-3 * p}
+    if dtype == "bfloat16":
+        return {"atol": 3e-2 * p, "rtol": 1.6e-2 * p}
+    if dtype == "float32":
+        return {"atol": 1e-5, "rtol": 1e-5}
+    return {"atol": 0.0, "rtol": 0.0} if dtype in INTS else {"atol": 1e-12, "rtol": 1e-12}
+
+
+def check(pool, specs: list[dict]) -> None:
+    p = pool.world_size
+    per_rank = pool.run("dist_cases:run_specs", specs=specs)
+    for i, spec in enumerate(specs):
+        expected = reference(spec, p)
+        for r in range(p):
+            got = per_rank[r][i]
+            assert got.dtype == rank_input(0, 0, 1, spec["dtype"]).dtype, spec
+            if spec["dtype"] in INTS:
+                # integer results are exact (sums kept inside the type's range)
+                assert torch.equal(got.long(), expected[r].long()), (spec, r)
+            else:
+                assert_close(got.double(), expected[r], **tolerance(spec["dtype"], p),
+                             msg=lambda m: f"{spec} rank {r}: {m}")
+
+
+def matrix(p: int) -> list[dict]:
+    specs, seed = [], 0
+    for op in ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast"]:
+        for algo in available(op):
+            for dtype in FLOATS + INTS:
+                reduce_ops = ["sum", "avg", "max", "min"] if op in ("all_reduce", "reduce_scatter") else ["sum"]
+                for rop in reduce_ops:
+                    if rop == "avg" and dtype in INTS:
+                        continue
+                    for n in sizes_for(p):
+                        seed += 1
+                        specs.append({"op": op, "algorithm": algo, "dtype": dtype, "n": n, "seed": seed,
+                                      "reduce_op": rop, "tuning": SMALL_SEGMENTS,
+                                      "noncontig": seed % 3 == 0})
+    return specs
+
+
+@pytest.mark.parametrize("p", WORLD_SIZES)
+def test_every_algorithm_op_dtype_and_size(pools, p):
+    check(pools(p), matrix(p))
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_default_tuning_large_buffers(pools, p):
+    """Default 4 MiB segments on buffers big enough to be cut into several."""
+    specs = [{"op": op, "algorithm": a, "dtype": "float32", "n": 3_000_001, "seed": 7 + i}
+             for i, (op, a) in enumerate([("all_reduce", "ring"), ("all_reduce", "rhd"),
+                                          ("reduce_scatter", "ring"), ("all_gather", "ring"),
+                                          ("broadcast", "ring")])]
+    check(pools(p), specs)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 5])
+def test_all_ranks_end_bitwise_equal(pools, p):
+    """Data parallelism needs identical results on every rank, not just close ones."""
+    specs = [{"op": "all_reduce", "algorithm": a, "dtype": d, "n": 777, "seed": 3, "tuning": SMALL_SEGMENTS}
+             for a in available("all_reduce") for d in ["float32", "bfloat16"]]
+    per_rank = pools(p).run("dist_cases:run_specs", specs=specs)
+    for i, spec in enumerate(specs):
+        for r in range(1, p):
+            assert torch.equal(per_rank[0][i], per_rank[r][i]), (spec, r)
+
+
+@pytest.mark.parametrize("p", [3, 5])
+def test_tree_accumulates_half_precision_in_float32(pools, p):
+    """One large value plus many small ones: chained half-precision adds lose the small
+    ones, a float32 accumulator keeps them. tree must return the exact sum."""
+    pool = pools(p)
+    results = pool.run("dist_cases:half_sum", p=p)
+    for r in range(p):
+        assert results[r]["float16"] == 2048.0 + (p - 1)
+        assert results[r]["bfloat16"] == 256.0 + (p - 1)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("algorithm", ["ring", "rhd", "tree", "native"])
+def test_async_matches_sync_and_keeps_order(pools, p, algorithm):
+    n, count = 1001, 4
+    got = pools(p).run("dist_cases:async_all_reduce", algorithm=algorithm, n=n, count=count)
+    seeds = [100 + i for i in range(count)] + [999]
+    for i, seed in enumerate(seeds):
+        expected = sum(rank_input(seed, r, n, "float32").double() for r in range(p))
+        for r in range(p):
+            assert_close(got[r][i].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_fails_fast_naming_the_argument(pools):
+    msgs = pools(2).run("dist_cases:bad_inputs")
+    expected_words = {
+        "reduce_scatter wrong output size": "output", "all_gather wrong input size": "input",
+        "dtype mismatch": "dtype", "unknown algorithm": "algorithm", "unknown op": "op",
+        "avg on integers": "avg", "algorithm without this op": "tree",
+        "input splits do not add up": "input_split_sizes", "too few splits": "input_split_sizes",
+        "not a tensor": "tensor", "broadcast src out of range": "src", "device mismatch": "gloo",
+        "half vs float gather": "dtype",
+    }
+    for rank_msgs in msgs:
+        for name, word in expected_words.items():
+            assert rank_msgs[name] != "NO ERROR", name
+            assert word in rank_msgs[name], (name, rank_msgs[name])
+        assert rank_msgs["after"] == [1.0] * 5  # ranks 0 + 1: nothing stray was left on the wire
+
+
+def test_exchange_split_sizes(pools):
+    got = pools(3).run("dist_cases:split_size_exchange")
+    for r in range(3):
+        assert got[r] == [i * 10 + r for i in range(3)]
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "rhd", "tree", "native"])
+def test_subgroups(pools, algorithm):
+    got = pools(5).run("dist_cases:subgroup_all_reduce", algorithm=algorithm)
+    for r in range(5):
+        members = [q for q in range(5) if q % 2 == r % 2]
+        assert got[r] == [float(sum(q + 1 for q in members))] * 2
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=st.sampled_from([2, 3, 4, 5]), n=st.integers(0, 3000),
+       op=st.sampled_from(["all_reduce", "reduce_scatter", "all_gather", "all_to_all"]),
+       seg=st.sampled_from([4, 64, 1000, 4 << 20]), window=st.integers(2, 5), data=st.data())
+def test_property_any_size_any_segmentation(pools, p, n, op, seg, window, data):
+    algo = data.draw(st.sampled_from(available(op)))
+    dtype = data.draw(st.sampled_from(["float32", "int64"]))
+    check(pools(p), [{"op": op, "algorithm": algo, "dtype": dtype, "n": n, "seed": n + seg,
+                      "tuning": (seg, window, 0)}])

@@ -26,14 +26,19 @@ def segment_count(max_elems: int, element_size: int, tuning) -> int:
     return max(1, min(max_elems, want))
 
 
-def run_window(n_units: int, window: int, post: Callable[[int], list], finish: Callable[[int], None] | None) -> None:
+def run_window(n_units: int, window: int, post: Callable[[int], "Pending"],
+               finish: Callable[[int], None] | None) -> None:
+    """Unit k is finished once its receive landed (its send may still be draining);
+    before unit k + window is posted, the sends of units <= k are complete, so a
+    later unit may overwrite what an earlier one sent."""
     pending = {}
     for k in range(min(window, n_units)):
         pending[k] = post(k)
     for k in range(n_units):
-        wait_all(pending.pop(k))
+        pending[k].wait_recvs()
         if finish is not None:
             finish(k)
+        pending.pop(k).wait_sends()
         if k + window < n_units:
             pending[k + window] = post(k + window)
 

@@ -176,11 +176,9 @@ def ring_broadcast(tp: Transport, flat: torch.Tensor, src: int, tuning) -> None:
             pending.append(tp.post((), [(seg(k), prv)]))
         sends = []
         for j in range(nseg):
-            for w in pending[j]:
-                w.wait()
+            pending[j].wait_recvs()
             sends.append(tp.post([(seg(j), nxt)]))
             if j + tuning.window < nseg:
                 pending.append(tp.post((), [(seg(j + tuning.window), prv)]))
-        for works in sends:
-            for w in works:
-                w.wait()
+        for posted in sends:
+            posted.wait()

@@ -46,10 +46,10 @@ class Transport:
         # gloo, its own I/O thread), so segments striped over them travel in parallel.
         self.channels = [self.group] + list(channels or [])
 
-    def post(self, sends=(), recvs=(), channel: int = 0) -> list[dist.Work]:
+    def post(self, sends=(), recvs=(), channel: int = 0) -> Pending:
         """Posts sends [(tensor, dst)] and receives [(tensor, src)], group ranks.
 
-        Returns the handles to wait on. Empty tensors are not sent: sender and
+        Returns the posted operations (see Pending). Empty tensors are not sent: sender and
         receiver derive the same sizes, so both sides skip the same messages.
         """
         group = self.channels[channel % len(self.channels)]
@@ -62,14 +62,37 @@ class Transport:
                 ops.append(dist.P2POp(dist.isend, tensor, self._global[dst], group))
                 self.stats.bytes_sent += tensor.numel() * tensor.element_size()
         if not ops:
-            return []
-        return dist.batch_isend_irecv(ops)
+            return Pending([], [])
+        works = dist.batch_isend_irecv(ops)
+        n_recv = sum(1 for t, _ in recvs if t.numel())
+        return Pending(works[:n_recv], works[n_recv:])
 
     def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
         """Blocking exchange: send `send` to dst while receiving `recv` from src."""
         wait_all(self.post([(send, dst)], [(recv, src)]))
 
 
-def wait_all(works) -> None:
-    for w in works:
-        w.wait()
+class Pending:
+    """Posted receives and sends; a receive's data is usable after `wait_recvs`,
+    a sent buffer may be overwritten after `wait_sends`."""
+
+    __slots__ = ("recvs", "sends")
+
+    def __init__(self, recvs, sends):
+        self.recvs, self.sends = recvs, sends
+
+    def wait_recvs(self) -> None:
+        for w in self.recvs:
+            w.wait()
+
+    def wait_sends(self) -> None:
+        for w in self.sends:
+            w.wait()
+
+    def wait(self) -> None:
+        self.wait_recvs()
+        self.wait_sends()
+
+
+def wait_all(pending) -> None:
+    pending.wait()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .reduce_ops import combine_, split_bounds
-from .transport import Transport, wait_all
+from .transport import Pending, Transport
 
 
 def segment_count(max_elems: int, element_size: int, tuning) -> int:

@@ -1,0 +1,200 @@
+"""Data parallelism: every rank holds the whole model, gradients are averaged in buckets.
+
+How a step's gradients travel:
+- At wrap time the parameters are packed, in reverse registration order (roughly the
+  order backward produces their gradients), into flat buckets of `bucket_mb`
+  (the first one capped at `first_bucket_mb`, so communication starts early), one
+  bucket per (dtype, device). Each parameter's `.grad` is a view into its bucket,
+  so autograd accumulates straight into the buffer that is sent: no copies.
+- A post-accumulate-grad hook counts the parameters of a bucket as backward finishes
+  them; when the last one is in, the bucket's all-reduce (average, with the chosen
+  collective algorithm) is queued on the Communicator's background thread and the
+  rest of backward keeps computing. Buckets are launched in index order, so every
+  rank issues the same collectives in the same order.
+- `no_sync()` (gradient-accumulation micro-steps) turns the hooks off: gradients just
+  accumulate in the buckets and nothing is sent.
+- `finish_gradient_sync()` (before clipping and the optimizer step) waits for every
+  bucket. A parameter that got no gradient is an error naming it, unless
+  `find_unused_parameters=True`, in which case its (zero or micro-step-accumulated)
+  slot is averaged like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .collectives import Communicator
+
+
+@dataclass
+class GradBucket:
+    """A flat gradient buffer shared by a run of parameters of one dtype and device."""
+
+    index: int
+    buffer: torch.Tensor
+    params: list[nn.Parameter] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    ready: set[int] = field(default_factory=set)
+    handle: object = None
+
+    def view(self, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return self.buffer[self.offsets[i]: self.offsets[i] + p.numel()].view_as(p)
+
+
+def _plan_buckets(params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int):
+    """Groups of parameters (in the given order) whose sizes fit the caps; a parameter
+    larger than a cap gets a bucket of its own."""
+    groups: list[list[nn.Parameter]] = []
+    open_by_kind: dict[tuple, int] = {}
+    sizes: dict[int, int] = {}
+    for p in params:
+        kind = (p.dtype, p.device)
+        nbytes = p.numel() * p.element_size()
+        gi = open_by_kind.get(kind)
+        cap = first_bucket_bytes if gi == 0 else bucket_bytes
+        if gi is None or (sizes[gi] > 0 and sizes[gi] + nbytes > cap):
+            groups.append([])
+            gi = len(groups) - 1
+            open_by_kind[kind] = gi
+            sizes[gi] = 0
+        groups[gi].append(p)
+        sizes[gi] += nbytes
+    return groups
+
+
+class DataParallel(nn.Module):
+    """Wraps `module`; see the module docstring. Build with `apply_ddp`."""
+
+    def __init__(self, module: nn.Module, comm: Communicator, *, bucket_mb: float = 25.0,
+                 first_bucket_mb: float = 1.0, find_unused_parameters: bool = False):
+        super().__init__()
+        if bucket_mb <= 0:
+            raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
+        if first_bucket_mb <= 0:
+            raise ValueError(f"parallel.first_bucket_mb must be > 0, got {first_bucket_mb}")
+        self.module = module
+        self.comm = comm
+        self.find_unused_parameters = find_unused_parameters
+        self._sync = True
+        self._next_launch = 0
+        self._names = {id(p): n for n, p in module.named_parameters()}
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups = _plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+        self.buckets: list[GradBucket] = []
+        self._slot: dict[int, tuple[int, int]] = {}
+        for bi, group in enumerate(groups):
+            total = sum(p.numel() for p in group)
+            bucket = GradBucket(bi, torch.zeros(total, dtype=group[0].dtype, device=group[0].device))
+            off = 0
+            for pi, p in enumerate(group):
+                bucket.params.append(p)
+                bucket.offsets.append(off)
+                off += p.numel()
+                self._slot[id(p)] = (bi, pi)
+                p.grad = bucket.view(pi)
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            self.buckets.append(bucket)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- gradient accumulation -------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Micro-steps inside accumulate gradients locally and send nothing."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def zero_grad(self) -> None:
+        """Zeroes every bucket (and re-attaches `.grad` views an optimizer may have dropped)."""
+        for b in self.buckets:
+            b.buffer.zero_()
+            for i, p in enumerate(b.params):
+                if p.grad is None or p.grad.data_ptr() != b.view(i).data_ptr():
+                    p.grad = b.view(i)
+
+    # -- the hook and the launches -----------------------------------------
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self._sync:
+            return
+        bi, pi = self._slot[id(p)]
+        bucket = self.buckets[bi]
+        view = bucket.view(pi)
+        if p.grad.data_ptr() != view.data_ptr():  # someone replaced .grad: bring it home
+            view.copy_(p.grad)
+            p.grad = view
+        if pi in bucket.ready:
+            raise RuntimeError(
+                f"parameter {self._names.get(id(p), '?')} got a gradient twice before "
+                "finish_gradient_sync(); run backward once per synchronised micro-step "
+                "(earlier micro-steps belong inside no_sync())")
+        bucket.ready.add(pi)
+        self._launch_ready()
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if not force and len(bucket.ready) < len(bucket.params):
+                return
+            if self.comm.world_size > 1:
+                bucket.handle = self.comm.all_reduce(bucket.buffer, op="avg", async_op=True)
+            self._next_launch += 1
+
+    def finish_gradient_sync(self) -> None:
+        """Waits until every bucket is averaged; call after the last micro-step's backward."""
+        if not self._sync:
+            return
+        missing = [self._names.get(id(p), "?") for b in self.buckets
+                   for i, p in enumerate(b.params) if i not in b.ready]
+        # Launch what is left even when something is missing, so that every rank
+        # issues the same collectives and none of them hangs on this one.
+        self._launch_ready(force=True)
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+                b.handle = None
+            b.ready.clear()
+        self._next_launch = 0
+        if missing and not self.find_unused_parameters:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise RuntimeError(
+                f"{len(missing)} parameter(s) received no gradient this step: {shown}. "
+                "If parts of the model are skipped on purpose, set "
+                "parallel.find_unused_parameters=true")
+
+
+@torch.no_grad()
+def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0) -> None:
+    """Makes every rank's parameters and buffers equal to rank `src`'s, one message per dtype."""
+    if comm.world_size == 1:
+        return
+    tensors = list(module.parameters()) + list(module.buffers())
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for group in by_kind.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        comm.broadcast(flat, src)
+        off = 0
+        for t in group:
+            t.copy_(flat[off: off + t.numel()].view_as(t))
+            off += t.numel()
+
+
+def apply_ddp(model: nn.Module, group=None, *, algorithm: str = "ring", bucket_mb: float = 25.0,
+              first_bucket_mb: float = 1.0, find_unused_parameters: bool = False,
+              comm: Communicator | None = None) -> DataParallel:
+    """Replicates `model` over `group`: rank 0's weights are broadcast, then gradients
+    are averaged in overlapped buckets with the collective `algorithm`."""
+    comm = comm or Communicator(group, algorithm=algorithm)
+    broadcast_module_state(model, comm)
+    return DataParallel(model, comm, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
+                        find_unused_parameters=find_unused_parameters)

@@ -1,0 +1,126 @@
+"""The trainer end to end: torchrun with 2 ranks and plain python, metrics, checkpoints,
+exact resume, wandb offline, multirun, and bad input failing before anything starts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "trainer.micro_batch_size=4", "trainer.progress=false", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def _run(args, n=None, timeout=300, env=None):
+    launcher = [sys.executable] if n is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    r = subprocess.run(launcher + ["-m", "trainer.train", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "WANDB_SILENT": "true", **(env or {})})
+    return r
+
+
+def _ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_train_log_evaluate_checkpoint(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    _ok(_run(TINY + [f"data.cache_dir={cache}", "trainer.max_steps=40", "trainer.log_every=5",
+                     "trainer.eval_every=20", "trainer.eval_batches=2", "trainer.ckpt_every=10",
+                     "trainer.keep_checkpoints=2", "optim.lr=3e-3", f"hydra.run.dir={run_dir}"], n=2))
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    for r in rows:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
+                    "comm_bytes_per_step", "comm_wait_s_per_step"):
+            assert key in r and r[key] == r[key], (key, r)  # present and not NaN
+        assert r["comm_bytes_per_step"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    assert {r["step"] for r in rows if "val_loss" in r} == {20, 40}
+    done = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+    assert [s for s, _ in done] == [30, 40]  # keep_checkpoints=2
+    files = set(os.listdir(done[-1][1]))
+    assert {"meta.json", "model.pt", "optimizer.pt", "rank_0.pt", "rank_1.pt"} <= files
+    assert (run_dir / "config.yaml").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert log.count("run dir") == 1  # rank 0 alone writes the log
+
+
+def test_resume_sees_exactly_the_uninterrupted_run(tmp_path, cache):
+    common = TINY + [f"data.cache_dir={cache}", "trainer.max_steps=8", "trainer.log_every=2",
+                     "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.grad_accum=2",
+                     "attention=performer", "attention.redraw_interval=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _ok(_run(common + [f"hydra.run.dir={straight}"], n=2))
+    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.stop_after_steps=4"], n=2))
+    assert [s for s, _ in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [4]
+    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.resume=auto"], n=2))
+    a = torch.load(straight / "checkpoints/step_8/model.pt")
+    b = torch.load(resumed / "checkpoints/step_8/model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = {r["step"]: r["loss"] for r in _metrics(straight)}
+    lb = {r["step"]: r["loss"] for r in _metrics(resumed)}
+    assert lb == la  # steps 2, 4 from the first launch, 6, 8 from the resumed one
+
+
+def test_plain_python_world_of_one_with_wandb_offline(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    _ok(_run(TINY + [f"data.cache_dir={cache}", "trainer.max_steps=4", "trainer.log_every=2",
+                     "trainer.eval_batches=1", "logger=wandb", f"hydra.run.dir={run_dir}"],
+             env={"WANDB_MODE": "offline"}))
+    assert [r["step"] for r in _metrics(run_dir)] == [2, 4]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert _metrics(run_dir)[0]["comm_bytes_per_step"] == 0  # one rank sends nothing
+
+
+def test_multirun_sweeps_attention(tmp_path, cache):
+    sweep = tmp_path / "sweep"
+    _ok(_run(["-m", "attention=softmax,linear,gau"] + TINY +
+             [f"data.cache_dir={cache}", "trainer.max_steps=2", "trainer.log_every=1", "trainer.eval_batches=1",
+              f"hydra.sweep.dir={sweep}"]))
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(runs) == 3
+    kinds = {json.loads((p / "metrics.jsonl").read_text().splitlines()[-1])["step"] for p in runs}
+    assert kinds == {2}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("attention.kind=softmx", "attention.kind"),
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("trainer.resume=/nonexistent/step_3", "trainer.resume"),
+])
+def test_bad_config_stops_before_any_work(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    r = _run([override, f"hydra.run.dir={run_dir}"], n=2, timeout=120)
+    assert r.returncode != 0
+    assert key in r.stdout + r.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_incomplete_checkpoints_are_never_loaded(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_5").mkdir(parents=True)
+    (root / "step_5" / "meta.json").write_text("{}")
+    (root / "step_9").mkdir()               # crashed before meta.json
+    (root / ".tmp_step_12").mkdir()         # crashed mid-write
+    assert checkpoint.latest(root) == root / "step_5"
+    with pytest.raises(ValueError, match="trainer.resume"):
+        checkpoint.load(root / "step_9", model=torch.nn.Linear(1, 1), optimizer=None, rank=0,
+                        world_size=1, device=torch.device("cpu"))

@@ -1,0 +1,131 @@
+"""Checkpoints: `<run_dir>/checkpoints/step_<N>/`, written atomically by all ranks.
+
+Layout of one checkpoint:
+    model.pt        rank 0: the model's state_dict (replicated under DDP)
+    optimizer.pt    rank 0: the optimizer's state_dict
+    rank_<r>.pt     every rank: its data sampler position and RNG states
+    meta.json       written last: step, world size, file list; its presence marks a
+                    complete checkpoint
+
+Protocol: every rank writes into `checkpoints/.tmp_step_<N>/` (each file itself via
+temp file + fsync + rename), a barrier, then rank 0 writes meta.json and renames the
+directory to `step_<N>` in one step, and a second barrier. A crash at any point
+leaves either no `step_<N>` or a complete one; `latest` ignores anything without
+meta.json, so a half-written checkpoint is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .atomic import atomic_write, fsync_dir
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+FORMAT_VERSION = 1
+
+
+def _atomic_save(obj, path: Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    found = complete_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+def save(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         rank_state: dict, rank: int, world_size: int, group=None, keep: int = 0,
+         extra_meta: dict | None = None) -> Path:
+    """Collective: every rank calls it with the same step. Returns the final directory."""
+    final = ckpt_root / f"step_{step}"
+    tmp = ckpt_root / f".tmp_step_{step}"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
+        tmp.mkdir()
+    _barrier(group)
+    if rank == 0:
+        _atomic_save(model.state_dict(), tmp / "model.pt")
+        _atomic_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _atomic_save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")
+    _barrier(group)
+    if rank == 0:
+        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
+                "files": sorted(p.name for p in tmp.iterdir()), **(extra_meta or {})}
+        atomic_write(tmp / "meta.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after resuming at it): replace whole
+            old = ckpt_root / f".old_step_{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+        if keep > 0:
+            for _, old_path in complete_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old_path, ignore_errors=True)
+    _barrier(group)
+    return final
+
+
+def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int,
+         world_size: int, device: torch.device) -> tuple[int, dict]:
+    """Loads a complete checkpoint; returns (step, this rank's state). Raises ValueError
+    (naming trainer.resume) for an incomplete checkpoint or a different world size."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"trainer.resume={str(path)!r}: not a complete checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta["world_size"] != world_size:
+        raise ValueError(f"trainer.resume={str(path)!r}: saved with {meta['world_size']} ranks, "
+                         f"this run has {world_size}; the data order is per rank, so resume "
+                         "with the same number of ranks")
+    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return int(meta["step"]), state
+
+
+def _barrier(group) -> None:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group)

@@ -1,0 +1,147 @@
+"""The training step, evaluation, and the loop that logs and checkpoints them."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import ShardedBatches, eval_batches
+from .optim import lr_at, set_lr
+
+
+@dataclass
+class RunState:
+    """Everything the loop needs, built by trainer.train."""
+
+    cfg: TrainConfig
+    ddp: torch.nn.Module          # parallel.data_parallel.DataParallel
+    optimizer: torch.optim.Optimizer
+    batches: ShardedBatches
+    val_tokens: object
+    device: torch.device
+    rank: int
+    world_size: int
+    run_dir: Path
+    flops_per_token: float
+    peak_flops: float
+    metrics_file: object          # rank 0 only, else None
+    logger: object                # rank 0 only, else None
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision.name == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: accumulation, averaged gradients, clipping, update.
+    Returns (mean micro-batch loss, global grad norm) as device tensors."""
+    cfg, ddp, model = s.cfg, s.ddp, s.ddp.module
+    set_lr(s.optimizer, lr_at(step, cfg.optim, cfg.trainer.max_steps))
+    model.set_step(step)  # Performer redraws its features here, identically on every rank
+    accum = cfg.trainer.grad_accum
+    loss_sum = torch.zeros((), device=s.device)
+    for micro in range(accum):
+        x, y = s.batches.next_batch()                     # (B, T) int64 each
+        x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        last = micro == accum - 1
+        # gradients of all but the last micro-step stay local; the last one's backward
+        # launches each bucket's all-reduce as soon as the bucket is complete
+        with (contextlib.nullcontext() if last else ddp.no_sync()):
+            with _autocast(cfg, s.device):
+                _, loss = ddp(x, y)                       # mean cross-entropy over B*T
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    ddp.finish_gradient_sync()                            # averaged over data-parallel ranks
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    s.optimizer.step()
+    ddp.zero_grad()
+    return loss_sum / accum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(s: RunState) -> float:
+    """Mean validation loss over trainer.eval_batches micro-batches per rank, all ranks."""
+    model = s.ddp.module
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=s.device)  # (loss sum, batches)
+    for x, y in eval_batches(s.val_tokens, seq_len=s.cfg.model.seq_len,
+                             micro_batch_size=s.cfg.trainer.micro_batch_size, dp_rank=s.rank,
+                             dp_size=s.world_size, max_batches=s.cfg.trainer.eval_batches):
+        with _autocast(s.cfg, s.device):
+            _, loss = model(x.to(s.device), y.to(s.device))
+        total[0] += loss.double()
+        total[1] += 1
+    s.ddp.comm.all_reduce(total, op="sum")
+    model.train()
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+def run(s: RunState, start_step: int) -> dict:
+    """Steps from start_step to trainer.max_steps; returns the last logged record."""
+    t = s.cfg.trainer
+    stats = s.ddp.comm.stats
+    tokens_per_step = t.micro_batch_size * s.cfg.model.seq_len * t.grad_accum * s.world_size
+    ckpt_root = s.run_dir / "checkpoints"
+    end = t.max_steps if t.stop_after_steps is None else min(t.max_steps, t.stop_after_steps)
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (t.progress and s.rank == 0),
+               dynamic_ncols=True, desc="train")
+    last_record: dict = {}
+    window_loss = torch.zeros((), device=s.device)
+    window_steps, window_t0 = 0, time.perf_counter()
+    bytes0, wait0 = stats.bytes_sent, stats.wait_s
+    with logging_redirect_tqdm():
+        for step in range(start_step, end):
+            loss, grad_norm = train_step(s, step)
+            window_loss += loss
+            window_steps += 1
+            done = step + 1
+            is_eval = bool(t.eval_every and done % t.eval_every == 0) or done == t.max_steps
+            if done % t.log_every == 0 or is_eval:
+                if s.device.type == "cuda":
+                    torch.cuda.synchronize(s.device)
+                elapsed = time.perf_counter() - window_t0
+                step_bytes = (stats.bytes_sent - bytes0) / window_steps
+                step_wait = (stats.wait_s - wait0) / window_steps
+                mean_loss = (window_loss / window_steps).reshape(1).clone()
+                s.ddp.comm.all_reduce(mean_loss, op="avg")  # the loss every rank saw
+                step_time = elapsed / window_steps
+                record = {
+                    "step": done, "loss": mean_loss.item(),
+                    "lr": s.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+                    "mfu": s.flops_per_token * tokens_per_step / step_time / (s.peak_flops * s.world_size),
+                    "comm_bytes_per_step": step_bytes, "comm_wait_s_per_step": step_wait,
+                }
+                if is_eval:
+                    record["val_loss"] = evaluate(s)
+                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                if s.rank == 0:
+                    s.metrics_file.write(record)
+                    s.logger.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                last_record = record
+                window_loss.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+                bytes0, wait0 = stats.bytes_sent, stats.wait_s
+            if (t.ckpt_every and done % t.ckpt_every == 0) or done == end:
+                t_save = time.perf_counter()
+                checkpoint.save(ckpt_root, done, model=s.ddp.module, optimizer=s.optimizer,
+                                rank_state={"sampler": s.batches.state_dict()}, rank=s.rank,
+                                world_size=s.world_size, group=s.ddp.comm.group,
+                                keep=t.keep_checkpoints)
+                window_t0 += time.perf_counter() - t_save  # saving is not training time
+            bar.update(1)
+    bar.close()
+    return last_record

@@ -1,0 +1,155 @@
+"""Training entry point: `[torchrun ...] python -m trainer.train [overrides]`.
+
+`main` is Hydra's; all the work is in `train(cfg)`, importable and testable.
+Order of business: validate the whole config (before any process group exists),
+join the job, load data, build the model, apply parallelisms, build the optimizer,
+resume if asked, loop, and always leave the process group cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from models.transformer import DecoderLM
+from parallel.collectives import Communicator, Tuning
+from parallel.data_parallel import apply_ddp
+from parallel.process_group import init_distributed, shutdown
+from parallel.topology import Topology
+
+from . import checkpoint
+from .config import TrainConfig, load_config
+from .data import ShardedBatches, eval_batches, load_tokens
+from .loggers import MetricsFile, build_logger
+from .loop import RunState, run
+from .mfu import peak_flops
+from .optim import build_optimizer
+from .structured import schema_of
+
+log = logging.getLogger("ringtrain.train")
+
+ConfigStore.instance().store(name="train_schema", node=schema_of(TrainConfig))
+
+
+def _quiet_other_ranks(rank: int) -> None:
+    """Rank 0 alone writes the run directory's log and prints."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING)
+
+
+def _run_dir(cfg: DictConfig | None) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(os.environ.get("RINGTRAIN_RUN_DIR", "runs/train/untitled"))
+
+
+def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> dict:
+    """Trains as `cfg` says; returns the last logged metrics record."""
+    tc = cfg if isinstance(cfg, TrainConfig) else load_config(cfg)  # fails here, before any process group
+    resolved = dataclasses.asdict(tc)
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg if isinstance(cfg, DictConfig) else None)
+    want_cuda = tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and torch.cuda.is_available())
+    if tc.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible")
+    backend = tc.parallel.backend if want_cuda else "gloo"
+    if tc.trainer.resume not in ("none", "auto"):
+        _resume_path(tc.trainer.resume, run_dir)  # a bad path fails before any process group
+    ctx = init_distributed(backend)
+    try:
+        return _train(tc, resolved, run_dir, ctx)
+    finally:
+        shutdown()
+
+
+def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
+    _quiet_other_ranks(ctx.rank)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    topo = Topology.build(ep_size=tc.parallel.ep_size)
+    device = ctx.device
+
+    # data: every rank reads its own shard; the token file is built once (file lock)
+    tokens = load_tokens(tc.data)
+    if tokens.vocab_size > tc.model.vocab_size:
+        raise ValueError(f"model.vocab_size={tc.model.vocab_size} is smaller than the data's "
+                         f"vocabulary ({tokens.vocab_size}, {tc.data.kind})")
+    # fails now (naming data.val_fraction) rather than at the first evaluation
+    eval_batches(tokens.val, seq_len=tc.model.seq_len, micro_batch_size=tc.trainer.micro_batch_size,
+                 dp_rank=topo.dp_rank, dp_size=topo.dp_size, max_batches=1)
+    batches = ShardedBatches(tokens.train, seq_len=tc.model.seq_len, micro_batch_size=tc.trainer.micro_batch_size,
+                             dp_rank=topo.dp_rank, dp_size=topo.dp_size, seed=tc.trainer.seed)
+
+    # model: same seed on every rank, and rank 0's weights are broadcast anyway
+    torch.manual_seed(tc.trainer.seed)
+    model = DecoderLM(tc.model, tc.attention).to(device)
+    resume = _resume_path(tc.trainer.resume, run_dir)
+    start_step, rank_state = 0, None
+    if resume is not None:
+        start_step, rank_state = checkpoint.load(resume, model=model, optimizer=None, rank=ctx.rank,
+                                                 world_size=ctx.world_size, device=device)
+
+    # parallelisms, in the order they must compose: expert parallel (when MoE lands)
+    # re-homes expert weights first, then data parallelism replicates the rest
+    comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
+                        tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
+    ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
+                    find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
+    optimizer = build_optimizer(model, tc.optim)
+    if resume is not None:
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device, weights_only=True))
+        batches.load_state_dict(rank_state["sampler"])
+
+    peak, peak_src = peak_flops(device, bf16=tc.precision.name == "bf16", override_tflops=tc.trainer.peak_tflops)
+    metrics_file = logger = None
+    if ctx.rank == 0:
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+        metrics_file = MetricsFile(run_dir)
+        logger = build_logger(tc.logger, run_dir=run_dir, config=resolved)
+        n_params = model.num_params(non_embedding=True)
+        log.info(f"run dir {run_dir} | {ctx.world_size} rank(s), {ctx.backend}, {device} | "
+                 f"model {n_params / 1e6:.2f}M non-embedding params, attention {tc.attention.kind} | "
+                 f"data {tokens.description}: {len(tokens.train):,} train tokens | "
+                 f"all-reduce {comm.algorithm_for('all_reduce')}, {len(ddp.buckets)} bucket(s) | "
+                 f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
+                 + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
+    state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,
+                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger)
+    try:
+        record = run(state, start_step)
+    finally:
+        comm.close()
+        if ctx.rank == 0:
+            metrics_file.close()
+            logger.close()
+    return record
+
+
+def _resume_path(resume: str, run_dir: Path) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoint.latest(run_dir / "checkpoints")
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"trainer.resume={resume!r} is not a complete checkpoint directory")
+    return path
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

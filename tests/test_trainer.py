@@ -61,22 +61,57 @@ def test_two_ranks_train_log_evaluate_checkpoint(tmp_path, cache):
 
 
 def test_resume_sees_exactly_the_uninterrupted_run(tmp_path, cache):
-    common = TINY + [f"data.cache_dir={cache}", "trainer.max_steps=8", "trainer.log_every=2",
+    common = TINY + [f"data.cache_dir={cache}", "trainer.max_steps=20", "trainer.log_every=2",
                      "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.grad_accum=2",
                      "attention=performer", "attention.redraw_interval=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _ok(_run(common + [f"hydra.run.dir={straight}"], n=2))
-    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.stop_after_steps=4"], n=2))
-    assert [s for s, _ in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [4]
+    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.stop_after_steps=10"], n=2))
+    assert [s for s, _ in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [10]
+    with open(resumed / "metrics.jsonl", "a") as fh:  # what a launch dying after step 12 leaves
+        fh.write('{"step": 12, "loss": 99.0}\n{"step": 14, "lo')
     _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.resume=auto"], n=2))
-    a = torch.load(straight / "checkpoints/step_8/model.pt")
-    b = torch.load(resumed / "checkpoints/step_8/model.pt")
+    a = torch.load(straight / "checkpoints/step_20/model.pt")
+    b = torch.load(resumed / "checkpoints/step_20/model.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     la = {r["step"]: r["loss"] for r in _metrics(straight)}
     lb = {r["step"]: r["loss"] for r in _metrics(resumed)}
-    assert lb == la  # steps 2, 4 from the first launch, 6, 8 from the resumed one
+    assert lb == la  # steps 2..10 from the first launch, 12..20 from the resumed one
+
+
+@pytest.fixture(scope="module")
+def one_rank_double_batch(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("one-rank")
+    _ok(_run(TRAJECTORY + [f"data.cache_dir={cache}", "trainer.micro_batch_size=8", f"hydra.run.dir={run_dir}"]))
+    return [r["loss"] for r in _metrics(run_dir)]
+
+
+TRAJECTORY = [a for a in TINY if not a.startswith("trainer.micro_batch_size")] + [
+    "trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1"]
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "rhd", "tree", "native"])
+def test_two_ranks_follow_one_rank_with_double_batch(tmp_path, cache, one_rank_double_batch, algorithm):
+    # rank r takes windows r, r+2, ... of the epoch's permutation, so the two ranks' batches
+    # of 4 are exactly the one rank's batch of 8: the trajectories may differ only by rounding
+    _ok(_run(TRAJECTORY + [f"data.cache_dir={cache}", "trainer.micro_batch_size=4",
+                           f"parallel.algorithm={algorithm}", f"hydra.run.dir={tmp_path}"], n=2))
+    two = [r["loss"] for r in _metrics(tmp_path)]
+    one = one_rank_double_batch
+    assert len(two) == len(one) == 20
+    rel = max(abs(a - b) / abs(b) for a, b in zip(two, one))
+    assert rel <= 1e-5, (rel, two, one)
+
+
+def test_every_experiment_composes_and_runs_two_steps(tmp_path, cache):
+    for exp in sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")):
+        run_dir = tmp_path / exp
+        _ok(_run([f"experiment={exp}", f"data.cache_dir={cache}", "trainer.max_steps=2", "trainer.log_every=1",
+                  "trainer.eval_batches=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]))
+        assert [r["step"] for r in _metrics(run_dir)] == [1, 2]
+        assert checkpoint.latest(run_dir / "checkpoints") == run_dir / "checkpoints" / "step_2"
 
 
 def test_plain_python_world_of_one_with_wandb_offline(tmp_path, cache):

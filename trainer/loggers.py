@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+from .atomic import atomic_write
 from .config import LoggerConfig
 
 log = logging.getLogger("ringtrain.train")
@@ -23,12 +24,23 @@ def _fmt(v) -> str:
 
 
 class MetricsFile:
-    """Appends one JSON object per logged step to <run_dir>/metrics.jsonl (flushed each line,
-    so a crash loses nothing already logged)."""
+    """One JSON object per logged step in <run_dir>/metrics.jsonl, flushed each line so a
+    crash loses nothing already logged. A fresh run starts the file anew; a run resumed at
+    step N keeps the records up to N (later ones were logged after that checkpoint, by a
+    launch that died, and are logged again)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, resumed_at: int | None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._fh = open(self.path, "a", buffering=1)
+        kept = []
+        if resumed_at is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resumed_at:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):
+                    break  # a line cut by the crash: drop it and what follows
+            atomic_write(self.path, lambda fh: fh.write("".join(kept).encode()))
+        self._fh = open(self.path, "a" if resumed_at is not None else "w", buffering=1)
 
     def write(self, record: dict) -> None:
         self._fh.write(json.dumps(record) + "\n")

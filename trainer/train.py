@@ -114,7 +114,7 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     metrics_file = logger = None
     if ctx.rank == 0:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-        metrics_file = MetricsFile(run_dir)
+        metrics_file = MetricsFile(run_dir, resumed_at=start_step if resume is not None else None)
         logger = build_logger(tc.logger, run_dir=run_dir, config=resolved)
         n_params = model.num_params(non_embedding=True)
         log.info(f"run dir {run_dir} | {ctx.world_size} rank(s), {ctx.backend}, {device} | "

@@ -57,13 +57,15 @@ def causal_linear_attention(
         norm = q.new_zeros(B, H, F)  # sum over earlier chunks of phi(k_j)
         state_scale = None if c_all is None else c_all[:, :, 0]  # (B, H) log-scale of state
         outputs = []
-        for start in range(0, T, C):
-            qc, kc, vc = q[:, :, start:start + C], k[:, :, start:start + C], v[:, :, start:start + C]
+        # one split up front: slicing inside the loop would make each slice's backward
+        # write a zero-filled full (B, H, T, F) gradient, O(T^2 / C) work in all
+        chunks = zip(q.split(C, dim=2), k.split(C, dim=2), v.split(C, dim=2),
+                     c_all.split(C, dim=2) if c_all is not None else [None] * len(range(0, T, C)))
+        for start, (qc, kc, vc, cc) in zip(range(0, T, C), chunks):
             L = qc.shape[2]
             causal = mask[:L, :L]
             scores = qc @ kc.transpose(-1, -2)  # (B, H, L, L)
-            if c_all is not None:
-                cc = c_all[:, :, start:start + L]  # (B, H, L)
+            if c_all is not None:  # cc: (B, H, L)
                 # exp(c_j - c_i) <= 1 for j <= i; clamp keeps masked (j > i) entries finite.
                 scores = scores * torch.exp((cc[:, :, None, :] - cc[:, :, :, None]).clamp(max=0))
                 q_inter = qc * torch.exp(state_scale[:, :, None] - cc)[..., None]  # state -> scale c_i

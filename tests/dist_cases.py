@@ -151,3 +151,20 @@ def half_sum(rank: int, world: int, p: int) -> dict[str, float]:
         all_reduce(x, algorithm="tree")
         out[dtype] = float(x.item())
     return out
+
+
+def topology_groups(rank: int, world: int, ep_size: int) -> dict:
+    """The ranks of each named group this rank belongs to, and an all-reduce over each."""
+    import torch.distributed as dist
+
+    from parallel.topology import Topology
+
+    topo = Topology.build(ep_size=ep_size)
+    out = {"dp_size": topo.dp_size, "ep_rank": topo.ep_rank}
+    for name in ("world", "ep", "expert_dp"):
+        g = getattr(topo, name)
+        out[name] = dist.get_process_group_ranks(g)
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=g)
+        out[name + "_sum"] = t.item()
+    return out

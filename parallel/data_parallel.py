@@ -171,6 +171,35 @@ class DataParallel(nn.Module):
                 "parallel.find_unused_parameters=true")
 
 
+    # -- the interface the training loop shares with ZeroModel -------------------------
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global norm of the (already averaged, replicated) gradients; clipped in place."""
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+    def build_optimizer(self, make, param_groups: list[dict]):
+        """make(param_groups) -> optimizer over the full parameters (replicated state)."""
+        self.optimizer = make(param_groups)
+        return self.optimizer
+
+    def after_step(self) -> None:
+        """Nothing to do: every rank applied the same update to its full copy."""
+
+    def gathered(self):
+        """Full parameters are always here."""
+        return contextlib.nullcontext()
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """Per-rank bytes of parameters, gradients (the buckets) and optimizer states."""
+        params = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+        optim = 0
+        if getattr(self, "optimizer", None) is not None:
+            for state in self.optimizer.state.values():
+                optim += sum(t.numel() * t.element_size() for t in state.values()
+                             if torch.is_tensor(t) and t.dim() > 0)
+        return {"params": params, "grads": grads, "optimizer": optim}
+
+
 @torch.no_grad()
 def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0) -> None:
     """Makes every rank's parameters and buffers equal to rank `src`'s, one message per dtype."""

@@ -1,9 +1,10 @@
 """Checkpoints: `<run_dir>/checkpoints/step_<N>/`, written atomically by all ranks.
 
 Layout of one checkpoint:
-    model.pt        rank 0: the model's state_dict (replicated under DDP)
-    optimizer.pt    rank 0: the optimizer's state_dict
-    rank_<r>.pt     every rank: its data sampler position and RNG states
+    model.pt        rank 0: the model's full state_dict (ZeRO: gathered from the shards)
+    optimizer.pt    rank 0: the optimizer's state_dict (DDP: replicated on every rank)
+    rank_<r>.pt     every rank: its data sampler position and RNG states (ZeRO: and its
+                    optimizer shard's state, since every rank holds a different one)
     meta.json       written last: step, world size, file list; its presence marks a
                     complete checkpoint
 
@@ -69,7 +70,8 @@ def latest(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save(ckpt_root: Path, step: int, *, model_state: dict | None, optimizer: torch.optim.Optimizer,
+         sharded_optimizer: bool,
          rank_state: dict, rank: int, world_size: int, group=None, keep: int = 0,
          extra_meta: dict | None = None) -> Path:
     """Collective: every rank calls it with the same step. Returns the final directory."""
@@ -81,8 +83,11 @@ def save(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch
         tmp.mkdir()
     _barrier(group)
     if rank == 0:
-        _atomic_save(model.state_dict(), tmp / "model.pt")
-        _atomic_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _atomic_save(model_state, tmp / "model.pt")
+        if not sharded_optimizer:
+            _atomic_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if sharded_optimizer:
+        rank_state = dict(rank_state, optimizer=optimizer.state_dict())
     _atomic_save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")
     _barrier(group)
     if rank == 0:
@@ -107,7 +112,7 @@ def save(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch
 
 
 def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int,
-         world_size: int, device: torch.device) -> tuple[int, dict]:
+         world_size: int, device: torch.device, parallel: str | None = None) -> tuple[int, dict]:
     """Loads a complete checkpoint; returns (step, this rank's state). Raises ValueError
     (naming trainer.resume) for an incomplete checkpoint or a different world size."""
     meta_path = path / "meta.json"
@@ -118,8 +123,14 @@ def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         raise ValueError(f"trainer.resume={str(path)!r}: saved with {meta['world_size']} ranks, "
                          f"this run has {world_size}; the data order is per rank, so resume "
                          "with the same number of ranks")
-    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
-    if optimizer is not None:
+    if parallel is not None and meta.get("parallel", parallel) != parallel:
+        raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel={meta['parallel']}, this run "
+                         f"uses parallel={parallel}; their optimizer states are laid out differently")
+    try:
+        model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+    except RuntimeError as e:  # missing / unexpected keys or shapes: another model
+        raise ValueError(f"trainer.resume={str(path)!r}: the checkpoint holds another model: {e}") from None
+    if optimizer is not None:  # DDP's replicated optimizer (ZeRO's shard comes with the rank state)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))

@@ -21,8 +21,8 @@ from .structured import build
 class ParallelConfig:
     """How the model is replicated or sharded across ranks, and how gradients travel."""
 
-    name: Literal["ddp"] = "ddp"
-    """Parallelism: ddp (ZeRO stages 1-3 arrive as zero1 | zero2 | zero3)."""
+    name: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
+    """ddp (replicated), or ZeRO sharding: zero1 (optimizer states), zero2 (+ gradients), zero3 (+ parameters)."""
     algorithm: Literal["ring", "rhd", "tree", "native"] = "ring"
     """Collective algorithm for gradient all-reduce and parameter broadcast."""
     bucket_mb: float = 25.0

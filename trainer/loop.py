@@ -64,8 +64,9 @@ def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum += loss.detach()
     ddp.finish_gradient_sync()                            # averaged over data-parallel ranks
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    s.optimizer.step()
+    grad_norm = ddp.clip_grad_norm_(clip)                 # global norm, across shards under ZeRO
+    s.optimizer.step()                                    # ZeRO: this rank's shard only
+    ddp.after_step()                                      # ZeRO 1/2: all-gather the updated shards
     ddp.zero_grad()
     return loss_sum / accum, grad_norm
 
@@ -123,6 +124,7 @@ def run(s: RunState, start_step: int) -> dict:
                     "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                     "mfu": s.flops_per_token * tokens_per_step / step_time / (s.peak_flops * s.world_size),
                     "comm_bytes_per_step": step_bytes, "comm_wait_s_per_step": step_wait,
+                    **{f"mem_{k}_bytes": v for k, v in s.ddp.model_state_bytes().items()},
                 }
                 if is_eval:
                     record["val_loss"] = evaluate(s)
@@ -137,10 +139,14 @@ def run(s: RunState, start_step: int) -> dict:
                 bytes0, wait0 = stats.bytes_sent, stats.wait_s
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == end:
                 t_save = time.perf_counter()
-                checkpoint.save(ckpt_root, done, model=s.ddp.module, optimizer=s.optimizer,
+                with s.ddp.gathered():  # ZeRO-3: full parameters for the consolidated model.pt
+                    model_state = ({k: v.detach().clone() for k, v in s.ddp.module.state_dict().items()}
+                                   if s.rank == 0 else None)
+                checkpoint.save(ckpt_root, done, model_state=model_state, optimizer=s.optimizer,
+                                sharded_optimizer=s.cfg.parallel.name != "ddp",
                                 rank_state={"sampler": s.batches.state_dict()}, rank=s.rank,
                                 world_size=s.world_size, group=s.ddp.comm.group,
-                                keep=t.keep_checkpoints)
+                                keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name})
                 window_t0 += time.perf_counter() - t_save  # saving is not training time
             bar.update(1)
     bar.close()

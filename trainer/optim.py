@@ -9,10 +9,10 @@ import torch
 from .config import OptimConfig
 
 
-def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
-    """`model.param_groups` splits decay (matrices) from no-decay (norms, biases, embeddings)."""
-    groups = model.param_groups(cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+def adamw_factory(cfg: OptimConfig):
+    """groups -> AdamW; the parallel wrapper decides which tensors the groups hold (full
+    parameters under DDP, this rank's shards under ZeRO)."""
+    return lambda groups: torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -24,6 +24,7 @@ from parallel.collectives import Communicator, Tuning
 from parallel.data_parallel import apply_ddp
 from parallel.process_group import init_distributed, shutdown
 from parallel.topology import Topology
+from parallel.zero import apply_zero
 
 from . import checkpoint
 from .config import TrainConfig, load_config
@@ -31,7 +32,7 @@ from .data import ShardedBatches, eval_batches, load_tokens
 from .loggers import MetricsFile, build_logger
 from .loop import RunState, run
 from .mfu import peak_flops
-from .optim import build_optimizer
+from .optim import adamw_factory
 from .structured import schema_of
 
 log = logging.getLogger("ringtrain.train")
@@ -97,17 +98,26 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     start_step, rank_state = 0, None
     if resume is not None:
         start_step, rank_state = checkpoint.load(resume, model=model, optimizer=None, rank=ctx.rank,
-                                                 world_size=ctx.world_size, device=device)
+                                                 world_size=ctx.world_size, device=device,
+                                                 parallel=tc.parallel.name)
 
     # parallelisms, in the order they must compose: expert parallel (when MoE lands)
     # re-homes expert weights first, then data parallelism replicates the rest
     comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
                         tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
-    ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
-                    find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
-    optimizer = build_optimizer(model, tc.optim)
+    groups = model.param_groups(tc.optim.weight_decay)
+    if tc.parallel.name == "ddp":
+        ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
+                        find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
+    else:
+        ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
+                         bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm)
+    optimizer = ddp.build_optimizer(adamw_factory(tc.optim), groups)
     if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device, weights_only=True))
+        if tc.parallel.name == "ddp":
+            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device, weights_only=True))
+        else:
+            optimizer.load_state_dict(rank_state["optimizer"])
         batches.load_state_dict(rank_state["sampler"])
 
     peak, peak_src = peak_flops(device, bf16=tc.precision.name == "bf16", override_tflops=tc.trainer.peak_tflops)
@@ -120,7 +130,7 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
         log.info(f"run dir {run_dir} | {ctx.world_size} rank(s), {ctx.backend}, {device} | "
                  f"model {n_params / 1e6:.2f}M non-embedding params, attention {tc.attention.kind} | "
                  f"data {tokens.description}: {len(tokens.train):,} train tokens | "
-                 f"all-reduce {comm.algorithm_for('all_reduce')}, {len(ddp.buckets)} bucket(s) | "
+                 f"{tc.parallel.name} over {comm.algorithm_for('all_reduce')} | "
                  f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
                  + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
     state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,

@@ -1,0 +1,410 @@
+"""ZeRO stages 1-3 over ringtrain's collectives (`apply_zero`).
+
+Parameters are packed into flat units, each padded to a multiple of the world size
+p and cut into p equal shards; rank r owns shard r of every unit and runs the
+optimizer on its shards only (the optimizer is built over the shards, see
+`ZeroModel.build_optimizer`). What each stage keeps per rank:
+
+- stage 1: full parameters and full gradients (`.grad` views into flat buffers,
+  all-reduced bucket by bucket during backward, as DDP); optimizer states for the
+  shard only. After the step, every unit is all-gathered from the updated shards.
+- stage 2: full parameters; gradients only as shards. Each unit's gradients are
+  copied into one of two reusable staging buffers as backward produces them and
+  reduce-scattered (averaged) while backward goes on; the parameters' own `.grad`
+  are dropped. Gradients are reduced on every micro-step (as DeepSpeed's stage 2):
+  only the shard is kept, so there is nothing local to accumulate into.
+- stage 3: parameters sharded too. A unit is one transformer block (plus one root
+  unit for embeddings, head and final norm). Its full parameters are all-gathered
+  just before its forward, freed right after, gathered again before its backward
+  and freed once its gradients are reduce-scattered; the next block's gather is
+  started while the current block computes. The root unit stays gathered from the
+  first forward to the end of backward, since the tied embedding is used at both ends.
+
+Units never mix optimizer groups (weight decay / none), dtypes or devices. Stage 1
+and 2 units are buckets in reverse registration order (about `bucket_mb` each).
+Global-norm clipping sums squares over every rank's shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .collectives import Communicator
+from .data_parallel import _plan_buckets, broadcast_module_state
+
+
+@dataclass
+class Unit:
+    """One flat, padded, sharded run of parameters."""
+
+    index: int
+    group: int                       # optimizer group index
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int                       # real elements
+    padded: int                      # multiple of world size
+    full: torch.Tensor               # (padded,) full parameters (stage 3: storage freed when not in use)
+    shard: nn.Parameter              # (padded / p,) this rank's master shard, what the optimizer updates
+    grad_full: torch.Tensor | None = None   # stage 1: (padded,) gradients, params' .grad are views
+    grad_shard: torch.Tensor | None = None  # stage 2/3: (padded / p,) averaged gradient shard
+    ready: set[int] = field(default_factory=set)
+    handle: object = None
+    staging: torch.Tensor | None = None
+    incoming: torch.Tensor | None = None
+    gathered: bool = True
+    gather_handle: object = None
+    handle_order: int = 0
+    is_root: bool = False
+    gather_target: torch.Tensor | None = None  # stage 3: `full`'s storage, its own version counter
+
+
+class ZeroModel(nn.Module):
+    """Wraps `module` for ZeRO `stage`; build with `apply_zero`."""
+
+    STAGING = 3
+    """Stage 2/3 staging buffers per dtype (each the size of the largest unit)."""
+
+    def __init__(self, module: nn.Module, comm: Communicator, *, stage: int, param_groups: list[dict],
+                 bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None):
+        super().__init__()
+        if stage not in (1, 2, 3):
+            raise ValueError(f"parallel.name=zero{stage}: ZeRO stages are 1, 2 and 3")
+        if bucket_mb <= 0:
+            raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
+        self.module, self.comm, self.stage = module, comm, stage
+        self.p, self.rank = comm.world_size, comm.rank
+        self._names = {id(p): n for n, p in module.named_parameters()}
+        self.group_options = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
+        group_of = {id(p): gi for gi, g in enumerate(param_groups) for p in g["params"]}
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        missing = [self._names[id(p)] for p in trainable if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"param_groups leave out trainable parameters: {missing[:5]}")
+        self.units: list[Unit] = []
+        self._unit_of: dict[int, tuple[int, int]] = {}
+        if stage == 3:
+            blocks = list(blocks or [])
+            in_block = {id(p) for b in blocks for p in b.parameters()}
+            plan = [[p for p in trainable if id(p) not in in_block]] + [
+                [p for p in b.parameters() if p.requires_grad] for b in blocks]
+            plan = [[q for q in ps if group_of[id(q)] == gi] for ps in plan for gi in range(len(param_groups))]
+            self._unit_modules = [None] + blocks
+        else:
+            plan = []
+            for gi in range(len(param_groups)):
+                mine = [q for q in reversed(trainable) if group_of[id(q)] == gi]
+                cap = int(bucket_mb * 2**20)
+                plan += _plan_buckets(mine, cap, cap)
+        for ps in plan:
+            if ps:
+                self._add_unit(ps, group_of[id(ps[0])])
+        self._sync = True
+        self._next_launch = 0
+        self._staging_pool: list[torch.Tensor] = []
+        if stage == 3:
+            self._setup_stage3(blocks)
+
+    # -- building ------------------------------------------------------------
+    @torch.no_grad()
+    def _add_unit(self, params: list[nn.Parameter], group: int) -> None:
+        dtypes = {(q.dtype, q.device) for q in params}
+        if len(dtypes) > 1:  # stage 3 block with mixed dtypes: split it further
+            for kind in dtypes:
+                self._add_unit([q for q in params if (q.dtype, q.device) == kind], group)
+            return
+        numel = sum(q.numel() for q in params)
+        padded = -(-numel // self.p) * self.p
+        full = params[0].new_zeros(padded)
+        offsets, off = [], 0
+        for q in params:
+            offsets.append(off)
+            full[off: off + q.numel()].copy_(q.reshape(-1))
+            off += q.numel()
+        S = padded // self.p
+        ui = len(self.units)
+        shard_view = full[self.rank * S: (self.rank + 1) * S]
+        if self.stage == 3:
+            shard = nn.Parameter(shard_view.clone())     # the only persistent copy
+        else:
+            shard = nn.Parameter(shard_view)             # updating it updates my part of `full`
+        unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard)
+        for pi, q in enumerate(params):
+            q.data = full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
+            self._unit_of[id(q)] = (ui, pi)
+            q.register_post_accumulate_grad_hook(self._on_grad_ready)
+        if self.stage == 1:
+            unit.grad_full = full.new_zeros(padded)
+            for pi, q in enumerate(params):
+                q.grad = unit.grad_full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
+            shard.grad = unit.grad_full[self.rank * S: (self.rank + 1) * S]
+        else:
+            unit.grad_shard = full.new_zeros(S)
+            shard.grad = unit.grad_shard
+        self.units.append(unit)
+
+    def build_optimizer(self, make, param_groups: list[dict] | None = None):
+        """make(param_groups) -> optimizer over this rank's shards, in the groups given at
+        construction (`param_groups` is accepted for symmetry with DataParallel and ignored)."""
+        groups = [dict(self.group_options[gi], params=[u.shard for u in self.units if u.group == gi])
+                  for gi in range(len(self.group_options))]
+        self.optimizer = make([g for g in groups if g["params"]])
+        return self.optimizer
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- gradients -------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Stage 1: micro-steps accumulate locally and send nothing. Stages 2 and 3 keep
+        only gradient shards, so they reduce on every micro-step anyway."""
+        if self.stage != 1:
+            yield
+            return
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def _on_grad_ready(self, q: nn.Parameter) -> None:
+        ui, pi = self._unit_of[id(q)]
+        unit = self.units[ui]
+        if self.stage == 1:
+            view = unit.grad_full[unit.offsets[pi]: unit.offsets[pi] + q.numel()].view_as(q)
+            if q.grad.data_ptr() != view.data_ptr():
+                view.copy_(q.grad)
+                q.grad = view
+            if not self._sync:
+                return
+        else:
+            if unit.handle is not None:  # the previous micro-step's reduction of this unit
+                self._complete(unit)
+            if unit.staging is None:
+                unit.staging = self._take_staging(unit)
+            unit.staging[unit.offsets[pi]: unit.offsets[pi] + q.numel()].copy_(q.grad.reshape(-1))
+            if len(unit.ready) == 0:
+                unit.staging[unit.numel:unit.padded].zero_()
+            q.grad = None  # only the shard is kept
+        if pi in unit.ready:
+            raise RuntimeError(f"parameter {self._names.get(id(q), '?')} got a gradient twice in one backward")
+        unit.ready.add(pi)
+        if len(unit.ready) == len(unit.params):
+            self._launch(unit)
+
+    def _take_staging(self, unit: Unit) -> torch.Tensor:
+        """A staging buffer of the unit's size. At most STAGING buffers exist per dtype (the
+        transient cost of stage 2/3 beyond the shards); when all are in use, wait for the
+        oldest reduce-scatter. Only if every one is held by a unit still filling (its
+        gradients interleave with others') is one more made, so backward never deadlocks."""
+        self._reap()
+        while True:
+            for i, buf in enumerate(self._staging_pool):
+                if buf.dtype == unit.full.dtype and buf.device == unit.full.device and buf.numel() >= unit.padded:
+                    self._staging_pool.pop(i)
+                    return buf
+            held = [u for u in self.units if u.staging is not None and u.full.dtype == unit.full.dtype]
+            if len(held) < self.STAGING:
+                size = max(u.padded for u in self.units if u.full.dtype == unit.full.dtype)
+                return unit.full.new_zeros(size)
+            inflight = [u for u in held if u.handle is not None]
+            if not inflight:
+                return unit.full.new_zeros(unit.padded)
+            self._complete(min(inflight, key=lambda u: u.handle_order))
+
+    def _reap(self) -> None:
+        """Completes reductions that already finished (frees staging, stage 3 frees params)."""
+        for u in self.units:
+            if u.handle is not None and u.handle.is_completed():
+                self._complete(u)
+
+    def _launch(self, unit: Unit) -> None:
+        if self.stage == 1:
+            unit.handle = self.comm.all_reduce(unit.grad_full, op="avg", async_op=True)
+        else:
+            unit.incoming = unit.full.new_empty(unit.padded // self.p)
+            unit.handle = self.comm.reduce_scatter(unit.incoming, unit.staging[: unit.padded], op="avg",
+                                                   async_op=True)
+            unit.ready.clear()  # the next micro-step's gradients start a new round
+        self._next_launch += 1
+        unit.handle_order = self._next_launch
+
+    def _complete(self, unit: Unit) -> None:
+        unit.handle.wait()
+        unit.handle = None
+        if self.stage != 1:
+            unit.grad_shard.add_(unit.incoming)
+            unit.incoming = None
+            self._staging_pool.append(unit.staging)
+            unit.staging = None
+            if self.stage == 3 and not unit.is_root:
+                self._free(unit)
+
+    def finish_gradient_sync(self) -> None:
+        """Waits for every unit's reduction (call after each synchronised backward)."""
+        if not self._sync:
+            return
+        # stage 1: every parameter must be ready; stages 2/3 clear a unit at launch, so a
+        # unit still partly filled is one whose other parameters got no gradient
+        missing = [self._names.get(id(q), "?") for u in self.units for i, q in enumerate(u.params)
+                   if i not in u.ready and (self.stage == 1 or u.ready)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} parameter(s) received no gradient: {', '.join(missing[:8])}")
+        for u in self.units:
+            if u.handle is not None:
+                self._complete(u)
+            u.ready.clear()
+        self._next_launch = 0
+        if self.stage == 3:
+            for u in self.units:
+                self._free(u)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm over every rank's gradient shards; scales them when above max_norm."""
+        grads = [u.shard.grad for u in self.units]
+        sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            sq += g.double().pow(2).sum()
+        self.comm.all_reduce(sq, op="sum")
+        norm = sq.sqrt().float()[0]
+        if math.isfinite(max_norm):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        return norm
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Brings the updated shards back into full parameters (stages 1 and 2)."""
+        if self.stage == 3:
+            return
+        for u in self.units:
+            S = u.padded // self.p
+            self.comm.all_gather(u.full, u.full[self.rank * S: (self.rank + 1) * S].clone())
+
+    def zero_grad(self) -> None:
+        for u in self.units:
+            if self.stage == 1:
+                u.grad_full.zero_()
+                for pi, q in enumerate(u.params):
+                    view = u.grad_full[u.offsets[pi]: u.offsets[pi] + q.numel()].view_as(q)
+                    if q.grad is None or q.grad.data_ptr() != view.data_ptr():
+                        q.grad = view
+            else:
+                u.grad_shard.zero_()
+
+    # -- stage 3: gather and free ----------------------------------------------
+    def _setup_stage3(self, blocks: list[nn.Module]) -> None:
+        self._units_of_module: dict[int, list[Unit]] = {}
+        for u in self.units:
+            owner = self._owner_module(u)
+            u.is_root = owner is None
+            self._units_of_module.setdefault(id(owner) if owner is not None else 0, []).append(u)
+            u.gather_target = torch.empty(0, dtype=u.full.dtype, device=u.full.device).set_(
+                u.full.untyped_storage(), 0, (u.padded,))
+        for u in self.units:
+            self._free(u)
+        self.module.register_forward_pre_hook(lambda m, a: self._gather_root())
+        for bi, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda m, a, bi=bi: self._pre_forward(bi))
+            block.register_forward_hook(lambda m, a, o, bi=bi: self._post_forward(bi))
+            block.register_full_backward_pre_hook(lambda m, g, bi=bi: self._pre_backward(bi))
+        self._blocks = blocks
+
+    def _owner_module(self, unit: Unit):
+        for b in self._unit_modules[1:]:
+            ids = {id(q) for q in b.parameters()}
+            if id(unit.params[0]) in ids:
+                return b
+        return None
+
+    def _block_units(self, bi: int) -> list[Unit]:
+        return self._units_of_module.get(id(self._blocks[bi]), []) if 0 <= bi < len(self._blocks) else []
+
+    def _free(self, unit: Unit) -> None:
+        if unit.gathered:
+            unit.full.untyped_storage().resize_(0)
+            unit.gathered = False
+
+    def _start_gather(self, unit: Unit) -> None:
+        if unit.gathered or unit.gather_handle is not None:
+            return
+        unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
+        # into gather_target: the parameters' views (saved by autograd for backward) must not
+        # see a version bump when their storage is refilled with the same values
+        unit.gather_handle = self.comm.all_gather(unit.gather_target, unit.shard.detach(), async_op=True)
+
+    def _wait_gather(self, unit: Unit) -> None:
+        self._start_gather(unit)
+        if unit.gather_handle is not None:
+            unit.gather_handle.wait()
+            unit.gather_handle = None
+        unit.gathered = True
+
+    def _gather_root(self) -> None:
+        for u in self._units_of_module.get(0, []):
+            self._wait_gather(u)
+
+    def _pre_forward(self, bi: int) -> None:
+        for u in self._block_units(bi):
+            self._wait_gather(u)
+        for u in self._block_units(bi + 1):  # prefetch the next block while this one computes
+            self._start_gather(u)
+
+    def _post_forward(self, bi: int) -> None:
+        for u in self._block_units(bi):
+            self._free(u)
+
+    def _pre_backward(self, bi: int) -> None:
+        self._reap()
+        for u in self._block_units(bi):
+            self._wait_gather(u)
+        for u in self._block_units(bi - 1):  # backward runs the blocks in reverse
+            self._start_gather(u)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Full parameters everywhere inside (stage 3), e.g. to save a consolidated state_dict."""
+        if self.stage != 3:
+            yield
+            return
+        for u in self.units:
+            self._wait_gather(u)
+        try:
+            yield
+        finally:
+            for u in self.units:
+                self._free(u)
+
+    # -- accounting --------------------------------------------------------------
+    def model_state_bytes(self) -> dict[str, int]:
+        """Persistent per-rank bytes of parameters, gradients and optimizer states."""
+        S = lambda u: u.padded // self.p  # noqa: E731
+        if self.stage == 3:
+            params = sum(S(u) * u.shard.element_size() for u in self.units)
+        else:
+            params = sum(u.padded * u.full.element_size() for u in self.units)
+        if self.stage == 1:
+            grads = sum(u.grad_full.numel() * u.grad_full.element_size() for u in self.units)
+        else:
+            grads = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
+        optim = 0
+        for state in getattr(self, "optimizer", None).state.values() if hasattr(self, "optimizer") else []:
+            optim += sum(t.numel() * t.element_size() for t in state.values()
+                         if torch.is_tensor(t) and t.dim() > 0)
+        return {"params": params, "grads": grads, "optimizer": optim}
+
+
+def apply_zero(model: nn.Module, group=None, *, stage: int, param_groups: list[dict], algorithm: str = "ring",
+               bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None,
+               comm: Communicator | None = None) -> ZeroModel:
+    """Shards `model`'s training state over `group` (ZeRO `stage`), after making every
+    rank's weights rank 0's. `blocks`: the stage-3 gather units (e.g. the transformer blocks)."""
+    comm = comm or Communicator(group, algorithm=algorithm)
+    broadcast_module_state(model, comm)
+    return ZeroModel(model, comm, stage=stage, param_groups=param_groups, bucket_mb=bucket_mb, blocks=blocks)

@@ -22,7 +22,9 @@ How a step's gradients travel:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -183,6 +185,23 @@ class DataParallel(nn.Module):
 
     def after_step(self) -> None:
         """Nothing to do: every rank applied the same update to its full copy."""
+
+    def save_optimizer(self, ckpt_dir) -> None:
+        """Rank 0 writes <ckpt_dir>/optimizer.pt (the state is replicated)."""
+        if self.comm.rank == 0:
+            tmp = Path(ckpt_dir) / "optimizer.pt.part"
+            with open(tmp, "wb") as fh:
+                torch.save(self.optimizer.state_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, Path(ckpt_dir) / "optimizer.pt")
+
+    def load_optimizer(self, ckpt_dir) -> None:
+        path = Path(ckpt_dir) / "optimizer.pt"
+        if not path.is_file():
+            raise ValueError(f"trainer.resume: {path} is missing")
+        device = next(self.module.parameters()).device
+        self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
     def gathered(self):
         """Full parameters are always here."""

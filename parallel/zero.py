@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -380,6 +381,56 @@ class ZeroModel(nn.Module):
         finally:
             for u in self.units:
                 self._free(u)
+
+    # -- resharding checkpoints (torch.distributed.checkpoint) ------------------------
+    def _dtensor_state(self) -> dict:
+        """This rank's optimizer state as DTensors over the unpadded global unit vectors.
+
+        Shard r of a unit covers [r S, (r + 1) S) of its real elements, which is the layout
+        torch.chunk gives (DTensor's Shard(0)), so a checkpoint written by N ranks can be
+        read by M ranks: DCP moves the overlapping pieces. Keys name units, whose
+        composition does not depend on the world size."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        device_type = self.units[0].full.device.type if self.units else "cpu"
+        mesh = DeviceMesh.from_group(self.comm.group, device_type)
+        out = {}
+        for u in self.units:
+            S = u.padded // self.p
+            real = max(0, min(S, u.numel - self.rank * S))
+            for key, t in self.optimizer.state[u.shard].items():
+                if torch.is_tensor(t) and t.dim() == 1 and t.numel() == S:
+                    out[f"unit{u.index}.{key}"] = DTensor.from_local(t[:real], mesh, [Shard(0)], run_check=False,
+                                                                     shape=(u.numel,), stride=(1,))
+                elif torch.is_tensor(t):
+                    out[f"unit{u.index}.{key}"] = t  # scalars (Adam's step): the same on every rank
+        return out
+
+    def save_optimizer(self, ckpt_dir) -> None:
+        """Collective: writes the sharded optimizer state to <ckpt_dir>/optimizer/ (DCP)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dtensor_state(), checkpoint_id=str(Path(ckpt_dir) / "optimizer"),
+                 process_group=self.comm.group)
+
+    @torch.no_grad()
+    def load_optimizer(self, ckpt_dir) -> None:
+        """Collective: reads a state written by save_optimizer, with any world size."""
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(ckpt_dir) / "optimizer"
+        for u in self.units:  # AdamW creates its state lazily; make it so DCP can fill it in place
+            st = self.optimizer.state[u.shard]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(u.shard)
+                st["exp_avg_sq"] = torch.zeros_like(u.shard)
+        state = self._dtensor_state()
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.comm.group)
+        except Exception as e:  # a unit layout that is not this model's, or a missing shard file
+            raise ValueError(f"trainer.resume: cannot read the sharded optimizer state in {path}: {e}") from None
 
     # -- accounting --------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:

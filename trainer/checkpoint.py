@@ -2,9 +2,10 @@
 
 Layout of one checkpoint:
     model.pt        rank 0: the model's full state_dict (ZeRO: gathered from the shards)
-    optimizer.pt    rank 0: the optimizer's state_dict (DDP: replicated on every rank)
-    rank_<r>.pt     every rank: its data sampler position and RNG states (ZeRO: and its
-                    optimizer shard's state, since every rank holds a different one)
+    optimizer.pt    DDP: rank 0's optimizer state_dict (replicated on every rank)
+    optimizer/      ZeRO: the sharded optimizer state, torch.distributed.checkpoint format,
+                    readable by any world size (resharding happens on load)
+    rank_<r>.pt     every rank: its data sampler position and RNG states
     meta.json       written last: step, world size, file list; its presence marks a
                     complete checkpoint
 
@@ -70,8 +71,7 @@ def latest(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(ckpt_root: Path, step: int, *, model_state: dict | None, optimizer: torch.optim.Optimizer,
-         sharded_optimizer: bool,
+def save(ckpt_root: Path, step: int, *, model_state: dict | None, save_optimizer,
          rank_state: dict, rank: int, world_size: int, group=None, keep: int = 0,
          extra_meta: dict | None = None) -> Path:
     """Collective: every rank calls it with the same step. Returns the final directory."""
@@ -84,10 +84,7 @@ def save(ckpt_root: Path, step: int, *, model_state: dict | None, optimizer: tor
     _barrier(group)
     if rank == 0:
         _atomic_save(model_state, tmp / "model.pt")
-        if not sharded_optimizer:
-            _atomic_save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if sharded_optimizer:
-        rank_state = dict(rank_state, optimizer=optimizer.state_dict())
+    save_optimizer(tmp)  # collective under ZeRO (sharded, DCP); rank 0's file under DDP
     _atomic_save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")
     _barrier(group)
     if rank == 0:
@@ -111,18 +108,20 @@ def save(ckpt_root: Path, step: int, *, model_state: dict | None, optimizer: tor
     return final
 
 
-def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int,
-         world_size: int, device: torch.device, parallel: str | None = None) -> tuple[int, dict]:
-    """Loads a complete checkpoint; returns (step, this rank's state). Raises ValueError
-    (naming trainer.resume) for an incomplete checkpoint or a different world size."""
+def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, device: torch.device,
+         parallel: str | None = None) -> tuple[int, dict, bool]:
+    """Loads the model and this rank's state from a complete checkpoint; returns (step,
+    rank state, resharded). With another world size every rank takes rank 0's state
+    (sampler positions differ only by rank; the caller converts them). Raises ValueError
+    naming trainer.resume for an incomplete checkpoint, another model or another layout."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise ValueError(f"trainer.resume={str(path)!r}: not a complete checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
-    if meta["world_size"] != world_size:
-        raise ValueError(f"trainer.resume={str(path)!r}: saved with {meta['world_size']} ranks, "
-                         f"this run has {world_size}; the data order is per rank, so resume "
-                         "with the same number of ranks")
+    resharded = meta["world_size"] != world_size
+    rank_file = path / f"rank_{0 if resharded else rank}.pt"
+    if not rank_file.is_file():
+        raise ValueError(f"trainer.resume={str(path)!r}: {rank_file.name} is missing")
     if parallel is not None and meta.get("parallel", parallel) != parallel:
         raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel={meta['parallel']}, this run "
                          f"uses parallel={parallel}; their optimizer states are laid out differently")
@@ -130,11 +129,9 @@ def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     except RuntimeError as e:  # missing / unexpected keys or shapes: another model
         raise ValueError(f"trainer.resume={str(path)!r}: the checkpoint holds another model: {e}") from None
-    if optimizer is not None:  # DDP's replicated optimizer (ZeRO's shard comes with the rank state)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
-    return int(meta["step"]), state
+    return int(meta["step"]), state, resharded
 
 
 def _barrier(group) -> None:

@@ -142,8 +142,7 @@ def run(s: RunState, start_step: int) -> dict:
                 with s.ddp.gathered():  # ZeRO-3: full parameters for the consolidated model.pt
                     model_state = ({k: v.detach().clone() for k, v in s.ddp.module.state_dict().items()}
                                    if s.rank == 0 else None)
-                checkpoint.save(ckpt_root, done, model_state=model_state, optimizer=s.optimizer,
-                                sharded_optimizer=s.cfg.parallel.name != "ddp",
+                checkpoint.save(ckpt_root, done, model_state=model_state, save_optimizer=s.ddp.save_optimizer,
                                 rank_state={"sampler": s.batches.state_dict()}, rank=s.rank,
                                 world_size=s.world_size, group=s.ddp.comm.group,
                                 keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name})

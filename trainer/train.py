@@ -97,9 +97,9 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     resume = _resume_path(tc.trainer.resume, run_dir)
     start_step, rank_state = 0, None
     if resume is not None:
-        start_step, rank_state = checkpoint.load(resume, model=model, optimizer=None, rank=ctx.rank,
-                                                 world_size=ctx.world_size, device=device,
-                                                 parallel=tc.parallel.name)
+        start_step, rank_state, resharded = checkpoint.load(resume, model=model, rank=ctx.rank,
+                                                            world_size=ctx.world_size, device=device,
+                                                            parallel=tc.parallel.name)
 
     # parallelisms, in the order they must compose: expert parallel (when MoE lands)
     # re-homes expert weights first, then data parallelism replicates the rest
@@ -114,11 +114,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
                          bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm)
     optimizer = ddp.build_optimizer(adamw_factory(tc.optim), groups)
     if resume is not None:
-        if tc.parallel.name == "ddp":
-            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device, weights_only=True))
-        else:
-            optimizer.load_state_dict(rank_state["optimizer"])
-        batches.load_state_dict(rank_state["sampler"])
+        ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
+        batches.load_state_dict(rank_state["sampler"], reshard=resharded)
 
     peak, peak_src = peak_flops(device, bf16=tc.precision.name == "bf16", override_tflops=tc.trainer.peak_tflops)
     metrics_file = logger = None

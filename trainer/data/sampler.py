@@ -106,8 +106,23 @@ class ShardedBatches:
                 "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size,
                 "n_windows": self.n_windows, "dp_rank": self.dp_rank}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continues exactly where the saved sampler stopped; refuses a state from another layout."""
+    def load_state_dict(self, state: dict, *, reshard: bool = False) -> None:
+        """Continues exactly where the saved sampler stopped; refuses a state from another layout.
+
+        With reshard=True a state saved with another dp_size or micro_batch_size is accepted
+        when the windows consumed so far (position x micro_batch_size x dp_size: ranks take
+        the epoch's permutation round-robin, so any layout consumes it front to back) are a
+        whole number of the new layout's global batches; the stream then goes on with the
+        windows an unresharded run would have read next (within the epoch)."""
+        if reshard and (state.get("dp_size"), state.get("micro_batch_size")) != (self.dp_size, self.micro_batch_size):
+            consumed = int(state["position"]) * int(state["micro_batch_size"]) * int(state["dp_size"])
+            per_batch = self.micro_batch_size * self.dp_size
+            if consumed % per_batch:
+                raise ValueError(f"sampler state: {consumed} windows of this epoch were consumed, not a whole "
+                                 f"number of batches of {self.micro_batch_size} x {self.dp_size} ranks; resume "
+                                 f"with a trainer.micro_batch_size x world size that divides it")
+            state = dict(state, position=consumed // per_batch, dp_size=self.dp_size,
+                         micro_batch_size=self.micro_batch_size)
         missing = [k for k in ("epoch", "position", "seed", "shuffle", "seq_len", "micro_batch_size",
                                "dp_size", "n_windows") if k not in state]
         if missing:

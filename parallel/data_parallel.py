@@ -174,6 +174,14 @@ class DataParallel(nn.Module):
 
 
     # -- the interface the training loop shares with ZeroModel -------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-step's (already 1/grad_accum-scaled) loss; the hooks do the rest."""
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        """The optimizer step."""
+        self.optimizer.step()
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global norm of the (already averaged, replicated) gradients; clipped in place."""
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)

@@ -265,6 +265,15 @@ class ZeroModel(nn.Module):
             for u in self.units:
                 self._free(u)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-step's (already 1/grad_accum-scaled) loss; the hooks do the rest."""
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        """The optimizer step on this rank's shards, then the all-gather of the updated ones."""
+        self.optimizer.step()
+        self.after_step()
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every rank's gradient shards; scales them when above max_norm."""
         grads = [u.shard.grad for u in self.units]

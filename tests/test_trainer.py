@@ -241,3 +241,14 @@ def test_zero_resume_on_another_world_size(tmp_path, cache, stage):
     b = torch.load(resharded / "checkpoints/step_20/model.pt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_deepspeed_engine_follows_native_zero(tmp_path, cache, zero_runs):
+    # the comparison engine trains the same model on the same batches: same trajectory
+    _ok(_run(ZERO + [f"data.cache_dir={cache}", "parallel=zero3", "engine=deepspeed",
+                     f"hydra.run.dir={tmp_path}"], n=2))
+    ds, native = _metrics(tmp_path), _metrics(zero_runs(2, 3))
+    assert len(ds) == len(native) == 20
+    assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(ds, native)) <= 1e-5
+    assert ds[-1]["comm_bytes_per_step"] is None and ds[-1]["peak_mem_mb"] > 0
+    assert (tmp_path / "checkpoints" / "step_20" / "deepspeed").is_dir()

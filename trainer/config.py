@@ -187,8 +187,8 @@ class TrainConfig:
     """Metrics logger."""
     trainer: LoopConfig = field(default_factory=LoopConfig)
     """Loop settings."""
-    engine: Literal["native"] = "native"
-    """Training engine: native (deepspeed and accelerate arrive as comparison engines)."""
+    engine: Literal["native", "deepspeed"] = "native"
+    """Who trains: native (ringtrain's DDP / ZeRO) or deepspeed (DeepSpeed ZeRO at the same stage, for comparison)."""
 
     def validate(self) -> None:
         if self.attention.rope and (self.model.d_model // self.model.n_heads) % 2:

@@ -37,6 +37,14 @@ class RunState:
     logger: object                # rank 0 only, else None
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated on CUDA, resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.precision.name == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -60,13 +68,12 @@ def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         with (contextlib.nullcontext() if last else ddp.no_sync()):
             with _autocast(cfg, s.device):
                 _, loss = ddp(x, y)                       # mean cross-entropy over B*T
-            (loss / accum).backward()
+            ddp.backward(loss / accum)
         loss_sum += loss.detach()
     ddp.finish_gradient_sync()                            # averaged over data-parallel ranks
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     grad_norm = ddp.clip_grad_norm_(clip)                 # global norm, across shards under ZeRO
-    s.optimizer.step()                                    # ZeRO: this rank's shard only
-    ddp.after_step()                                      # ZeRO 1/2: all-gather the updated shards
+    ddp.optimizer_step()                                  # ZeRO: this rank's shards, then all-gather
     ddp.zero_grad()
     return loss_sum / accum, grad_norm
 
@@ -95,6 +102,7 @@ def run(s: RunState, start_step: int) -> dict:
     stats = s.ddp.comm.stats
     tokens_per_step = t.micro_batch_size * s.cfg.model.seq_len * t.grad_accum * s.world_size
     ckpt_root = s.run_dir / "checkpoints"
+    native = s.cfg.engine == "native"
     end = t.max_steps if t.stop_after_steps is None else min(t.max_steps, t.stop_after_steps)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not (t.progress and s.rank == 0),
                dynamic_ncols=True, desc="train")
@@ -123,8 +131,11 @@ def run(s: RunState, start_step: int) -> dict:
                     "lr": s.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                     "mfu": s.flops_per_token * tokens_per_step / step_time / (s.peak_flops * s.world_size),
-                    "comm_bytes_per_step": step_bytes, "comm_wait_s_per_step": step_wait,
+                    # DeepSpeed's own gradient traffic is invisible to ringtrain's counters
+                    "comm_bytes_per_step": step_bytes if native else None,
+                    "comm_wait_s_per_step": step_wait if native else None,
                     **{f"mem_{k}_bytes": v for k, v in s.ddp.model_state_bytes().items()},
+                    "peak_mem_mb": peak_memory_mb(s.device),
                 }
                 if is_eval:
                     record["val_loss"] = evaluate(s)

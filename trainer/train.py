@@ -21,13 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.transformer import DecoderLM
 from parallel.collectives import Communicator, Tuning
-from parallel.data_parallel import apply_ddp
+from parallel.data_parallel import apply_ddp, broadcast_module_state
 from parallel.process_group import init_distributed, shutdown
 from parallel.topology import Topology
 from parallel.zero import apply_zero
 
 from . import checkpoint
 from .config import TrainConfig, load_config
+from .engines import DeepSpeedEngine
 from .data import ShardedBatches, eval_batches, load_tokens
 from .loggers import MetricsFile, build_logger
 from .loop import RunState, run
@@ -106,13 +107,16 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
                         tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
     groups = model.param_groups(tc.optim.weight_decay)
-    if tc.parallel.name == "ddp":
+    if tc.engine == "deepspeed":  # the comparison engine: DeepSpeed moves the gradients
+        broadcast_module_state(model, comm)
+        ddp = DeepSpeedEngine(model, tc, adamw_factory(tc.optim), groups, comm)
+    elif tc.parallel.name == "ddp":
         ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
                         find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
     else:
         ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
                          bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm)
-    optimizer = ddp.build_optimizer(adamw_factory(tc.optim), groups)
+    optimizer = ddp.optimizer if tc.engine == "deepspeed" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
     if resume is not None:
         ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
         batches.load_state_dict(rank_state["sampler"], reshard=resharded)
@@ -127,7 +131,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
         log.info(f"run dir {run_dir} | {ctx.world_size} rank(s), {ctx.backend}, {device} | "
                  f"model {n_params / 1e6:.2f}M non-embedding params, attention {tc.attention.kind} | "
                  f"data {tokens.description}: {len(tokens.train):,} train tokens | "
-                 f"{tc.parallel.name} over {comm.algorithm_for('all_reduce')} | "
+                 f"engine {tc.engine}, {tc.parallel.name}"
+                 + (f" over {comm.algorithm_for('all_reduce')}" if tc.engine == "native" else "") + " | "
                  f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
                  + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
     state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,

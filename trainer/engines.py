@@ -1,0 +1,96 @@
+"""`engine=deepspeed`: the same model, data, loop and precision trained by DeepSpeed.
+
+`DeepSpeedEngine` presents the interface the loop uses with ringtrain's own wrappers
+(parallel.data_parallel.DataParallel, parallel.zero.ZeroModel), so a comparison changes
+nothing but who moves the gradients. Its DeepSpeed config is generated from ringtrain's:
+ZeRO stage (ddp -> 0, zeroN -> N), bucket sizes, precision, micro-batch, accumulation,
+clipping; the AdamW is the same torch optimizer over the same parameter groups.
+DeepSpeed keeps its own communication (torch.distributed collectives), so ringtrain's
+`comm_*` metrics do not see its gradient traffic; they are logged as null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+
+def deepspeed_config(tc: TrainConfig) -> dict:
+    """DeepSpeed's JSON config for this run."""
+    stage = 0 if tc.parallel.name == "ddp" else int(tc.parallel.name[-1])
+    bucket = int(tc.parallel.bucket_mb * 2**20 / 4)  # DeepSpeed counts elements
+    return {
+        "train_micro_batch_size_per_gpu": tc.trainer.micro_batch_size,
+        "gradient_accumulation_steps": tc.trainer.grad_accum,
+        "gradient_clipping": tc.optim.grad_clip,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              "overlap_comm": True, "contiguous_gradients": True},
+        "bf16": {"enabled": tc.precision.name == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """Adapter: a deepspeed.DeepSpeedEngine behind DataParallel's interface."""
+
+    def __init__(self, model: torch.nn.Module, tc: TrainConfig, make_optimizer, param_groups, comm):
+        import deepspeed
+
+        self._ds = deepspeed
+        self.stage = 0 if tc.parallel.name == "ddp" else int(tc.parallel.name[-1])
+        self.module = model
+        self.comm = comm  # ringtrain's, for logging and evaluation only
+        self._stage0_norm = None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(param_groups), config=deepspeed_config(tc))
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def no_sync(self):
+        return contextlib.nullcontext()  # DeepSpeed knows the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the loop already divided by grad_accum; DeepSpeed's step acts only at the boundary
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if self.stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # stage 0 reports no norm; measure the averaged gradients before step() clears them
+            self._stage0_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None])
+        self.engine.step()
+
+    def finish_gradient_sync(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        norm = self._stage0_norm if self.stage == 0 else self.engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))  # clipped inside DeepSpeed
+
+    def optimizer_step(self) -> None:
+        pass  # done in the last micro-step's backward()
+
+    def zero_grad(self) -> None:
+        pass
+
+    def gathered(self):
+        if self.stage == 3:
+            return self._ds.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def model_state_bytes(self) -> dict[str, int]:
+        return {}  # DeepSpeed's partitions are internal; compare peak memory instead
+
+    def save_optimizer(self, ckpt_dir) -> None:
+        self.engine.save_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
+
+    def load_optimizer(self, ckpt_dir) -> None:
+        path = Path(ckpt_dir) / "deepspeed"
+        if not path.is_dir():
+            raise ValueError(f"trainer.resume: {path} is missing (not a DeepSpeed checkpoint)")
+        self.engine.load_checkpoint(str(path), tag="state")

@@ -252,3 +252,24 @@ def test_deepspeed_engine_follows_native_zero(tmp_path, cache, zero_runs):
     assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(ds, native)) <= 1e-5
     assert ds[-1]["comm_bytes_per_step"] is None and ds[-1]["peak_mem_mb"] > 0
     assert (tmp_path / "checkpoints" / "step_20" / "deepspeed").is_dir()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "zero3"])
+def test_accelerate_engine_follows_native(tmp_path, cache, zero_runs, ddp_trajectories, parallel):
+    if parallel == "zero3" and not torch.cuda.is_available():  # Accelerate's FSDP wants a GPU
+        r = _run(ZERO + [f"data.cache_dir={cache}", "parallel=zero3", "engine=accelerate",
+                         f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
+        assert r.returncode != 0 and "needs a GPU" in r.stdout + r.stderr
+        return
+    _ok(_run(ZERO + [f"data.cache_dir={cache}", f"parallel={parallel}", "engine=accelerate",
+                     f"hydra.run.dir={tmp_path}"], n=2))
+    ref = ddp_trajectories[2][0] if parallel == "ddp" else _metrics(zero_runs(2, 3))
+    got = _metrics(tmp_path)
+    assert len(got) == len(ref) == 20
+    assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(got, ref)) <= 1e-5
+    assert (tmp_path / "checkpoints" / "step_20" / "accelerate").is_dir()
+
+
+def test_engine_and_stage_that_do_not_exist_are_refused(tmp_path):
+    r = _run(["engine=accelerate", "parallel=zero1", f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
+    assert r.returncode != 0 and "engine=accelerate with parallel=zero1" in r.stdout + r.stderr

@@ -1,4 +1,4 @@
-"""Step time and per-rank memory of ddp / zero1 / zero2 / zero3, ringtrain against DeepSpeed.
+"""Step time and per-rank memory of ddp / zero1 / zero2 / zero3: ringtrain, DeepSpeed, Accelerate.
 
     python3 -m trainer.bench_zero --nproc 2,4 --steps 20 --out /tmp/zero_bench
 
@@ -21,7 +21,13 @@ import tempfile
 from pathlib import Path
 
 PARALLEL = ["ddp", "zero1", "zero2", "zero3"]
-ENGINES = ["native", "deepspeed"]
+ENGINES = ["native", "deepspeed", "accelerate"]
+
+
+def _exists(parallel: str, engine: str) -> bool:
+    """Accelerate shards only through FSDP, which it runs on GPUs only; it has no stage 1."""
+    import torch
+    return engine != "accelerate" or parallel == "ddp" or (parallel != "zero1" and torch.cuda.is_available())
 
 
 def _launch(nproc: int, parallel: str, engine: str, steps: int, extra: list[str], workdir: Path) -> dict:
@@ -60,24 +66,30 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as tmp:
         for nproc in [int(n) for n in a.nproc.split(",")]:
             for parallel in a.parallel.split(","):
-                for engine in ENGINES:
+                for engine in [e for e in ENGINES if _exists(parallel, e)]:
                     res = _launch(nproc, parallel, engine, a.steps, a.overrides, Path(tmp))
                     results.append({"ranks": nproc, "parallel": parallel, "engine": engine, **res})
                     shown = res.get("error", "").splitlines()[-1:] if "error" in res else \
                         f"{res['step_time_s'] * 1e3:.0f} ms/step, peak {res['peak_mem_mb']:.0f} MiB"
                     print(f"{nproc} ranks {parallel:>5} {engine:>9}: {shown}", flush=True)
     by = {(r["ranks"], r["parallel"], r["engine"]): r for r in results}
-    lines = [f"{'ranks':>5} {'parallel':>8} {'native ms':>10} {'deepspeed ms':>13} {'speed ratio':>12} "
-             f"{'native MiB':>11} {'deepspeed MiB':>14} {'model-state MiB':>16}"]
+    lines = [f"{'ranks':>5} {'parallel':>8} | {'ms/step native':>14} {'deepspeed':>9} {'accelerate':>10} "
+             f"{'speed vs DS':>11} | {'MiB native':>10} {'deepspeed':>9} {'accelerate':>10} {'mem vs DS':>9} "
+             f"| {'model-state MiB':>15}"]
+
+    def cell(r, key, scale=1.0):
+        return f"{r[key] * scale:.0f}" if r and "error" not in r else "-"
     for (n, par, eng), r in by.items():
-        if eng != "native" or "error" in r or "error" in by.get((n, par, "deepspeed"), {"error": 1}):
+        if eng != "native" or "error" in r:
             continue
-        d = by[(n, par, "deepspeed")]
-        r["speed_ratio"] = d["step_time_s"] / r["step_time_s"]
-        r["memory_ratio"] = r["peak_mem_mb"] / d["peak_mem_mb"]
-        lines.append(f"{n:>5} {par:>8} {r['step_time_s'] * 1e3:>10.0f} {d['step_time_s'] * 1e3:>13.0f} "
-                     f"{r['speed_ratio']:>11.2f}x {r['peak_mem_mb']:>11.0f} {d['peak_mem_mb']:>14.0f} "
-                     f"{r['model_state_mb'] or 0:>16.2f}")
+        d, a = by.get((n, par, "deepspeed")), by.get((n, par, "accelerate"))
+        ok_d = d is not None and "error" not in d
+        r["speed_ratio"] = d["step_time_s"] / r["step_time_s"] if ok_d else None
+        r["memory_ratio"] = r["peak_mem_mb"] / d["peak_mem_mb"] if ok_d else None
+        lines.append(f"{n:>5} {par:>8} | {cell(r, 'step_time_s', 1e3):>14} {cell(d, 'step_time_s', 1e3):>9} "
+                     f"{cell(a, 'step_time_s', 1e3):>10} {r['speed_ratio'] or float('nan'):>10.2f}x | "
+                     f"{cell(r, 'peak_mem_mb'):>10} {cell(d, 'peak_mem_mb'):>9} {cell(a, 'peak_mem_mb'):>10} "
+                     f"{r['memory_ratio'] or float('nan'):>8.2f}x | {r['model_state_mb'] or 0:>15.2f}")
     table = "\n".join(lines)
     print(table)
     (out / "table.txt").write_text(table + "\n")

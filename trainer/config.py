@@ -187,10 +187,14 @@ class TrainConfig:
     """Metrics logger."""
     trainer: LoopConfig = field(default_factory=LoopConfig)
     """Loop settings."""
-    engine: Literal["native", "deepspeed"] = "native"
-    """Who trains: native (ringtrain's DDP / ZeRO) or deepspeed (DeepSpeed ZeRO at the same stage, for comparison)."""
+    engine: Literal["native", "deepspeed", "accelerate"] = "native"
+    """Who trains: native (ringtrain's DDP / ZeRO), deepspeed (DeepSpeed ZeRO at the same stage)
+    or accelerate (Accelerate's DDP, or FSDP for zero2 / zero3), for comparison."""
 
     def validate(self) -> None:
+        if self.engine == "accelerate" and self.parallel.name == "zero1":
+            raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
+                             "through FSDP: use parallel=ddp, zero2 or zero3)")
         if self.attention.rope and (self.model.d_model // self.model.n_heads) % 2:
             raise ValueError("attention.rope needs an even head dim (model.d_model / model.n_heads)")
 

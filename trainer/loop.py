@@ -88,7 +88,7 @@ def evaluate(s: RunState) -> float:
                              micro_batch_size=s.cfg.trainer.micro_batch_size, dp_rank=s.rank,
                              dp_size=s.world_size, max_batches=s.cfg.trainer.eval_batches):
         with _autocast(s.cfg, s.device):
-            _, loss = model(x.to(s.device), y.to(s.device))
+            _, loss = s.ddp(x.to(s.device), y.to(s.device))  # through the wrapper: FSDP must unshard
         total[0] += loss.double()
         total[1] += 1
     s.ddp.comm.all_reduce(total, op="sum")

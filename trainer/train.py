@@ -28,7 +28,7 @@ from parallel.zero import apply_zero
 
 from . import checkpoint
 from .config import TrainConfig, load_config
-from .engines import DeepSpeedEngine
+from .engines import AccelerateEngine, DeepSpeedEngine
 from .data import ShardedBatches, eval_batches, load_tokens
 from .loggers import MetricsFile, build_logger
 from .loop import RunState, run
@@ -66,6 +66,9 @@ def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> d
     if tc.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible")
     backend = tc.parallel.backend if want_cuda else "gloo"
+    if tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda:
+        raise ValueError(f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which "
+                         "needs a GPU (Accelerate refuses FSDP on CPU); use parallel=ddp here")
     if tc.trainer.resume not in ("none", "auto"):
         _resume_path(tc.trainer.resume, run_dir)  # a bad path fails before any process group
     ctx = init_distributed(backend)
@@ -107,16 +110,17 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
                         tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
     groups = model.param_groups(tc.optim.weight_decay)
-    if tc.engine == "deepspeed":  # the comparison engine: DeepSpeed moves the gradients
+    if tc.engine != "native":  # a comparison engine moves the gradients
         broadcast_module_state(model, comm)
-        ddp = DeepSpeedEngine(model, tc, adamw_factory(tc.optim), groups, comm)
+        engine_cls = DeepSpeedEngine if tc.engine == "deepspeed" else AccelerateEngine
+        ddp = engine_cls(model, tc, adamw_factory(tc.optim), groups, comm)
     elif tc.parallel.name == "ddp":
         ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
                         find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
     else:
         ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
                          bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm)
-    optimizer = ddp.optimizer if tc.engine == "deepspeed" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
+    optimizer = ddp.optimizer if tc.engine != "native" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
     if resume is not None:
         ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
         batches.load_state_dict(rank_state["sampler"], reshard=resharded)

@@ -116,8 +116,8 @@ def _plot(results: list[dict], path: Path) -> None:
         for j, eng in enumerate(ENGINES):
             vals = [next((r[key] for r in ok if (r["ranks"], r["parallel"], r["engine"]) == (*lab, eng)), 0)
                     for lab in labels]
-            ax.bar([i + 0.4 * j for i in range(len(labels))], vals, width=0.4, label=eng)
-        ax.set_xticks([i + 0.2 for i in range(len(labels))], [f"{n}r {p}" for n, p in labels], rotation=45)
+            ax.bar([i + 0.27 * j for i in range(len(labels))], vals, width=0.27, label=eng)
+        ax.set_xticks([i + 0.27 for i in range(len(labels))], [f"{n}r {p}" for n, p in labels], rotation=45)
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()

@@ -435,10 +435,14 @@ class ZeroModel(nn.Module):
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(u.shard)
                 st["exp_avg_sq"] = torch.zeros_like(u.shard)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"trainer.resume: {path} holds no sharded optimizer state (.metadata missing)")
         state = self._dtensor_state()
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self.comm.group)
-        except Exception as e:  # a unit layout that is not this model's, or a missing shard file
+        except (Exception, CheckpointException) as e:  # another unit layout, or a missing shard file
             raise ValueError(f"trainer.resume: cannot read the sharded optimizer state in {path}: {e}") from None
 
     # -- accounting --------------------------------------------------------------

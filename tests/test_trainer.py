@@ -273,3 +273,18 @@ def test_accelerate_engine_follows_native(tmp_path, cache, zero_runs, ddp_trajec
 def test_engine_and_stage_that_do_not_exist_are_refused(tmp_path):
     r = _run(["engine=accelerate", "parallel=zero1", f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
     assert r.returncode != 0 and "engine=accelerate with parallel=zero1" in r.stdout + r.stderr
+
+
+def test_checkpoint_of_another_model_or_missing_shard_is_refused(tmp_path, cache, zero_runs):
+    ckpt = zero_runs(2, 3) / "checkpoints" / "step_20"
+    base = [f"data.cache_dir={cache}", "parallel=zero3", "trainer.progress=false", f"trainer.resume={ckpt}"]
+    r = _run(base + ["model=small", f"hydra.run.dir={tmp_path / 'other'}"], n=2, timeout=120)
+    assert r.returncode != 0 and "another model" in r.stdout + r.stderr
+    broken = tmp_path / "step_20"
+    import shutil
+    shutil.copytree(ckpt, broken)
+    next((broken / "optimizer").glob("__1_*.distcp")).unlink()  # rank 1's optimizer shard
+    r = _run(ZERO + base[:-1] + [f"trainer.resume={broken}", f"hydra.run.dir={tmp_path / 'missing'}"], n=2,
+             timeout=120)
+    assert r.returncode != 0 and "sharded optimizer state" in r.stdout + r.stderr
+    assert not (tmp_path / "missing" / "metrics.jsonl").exists()  # nothing started, nothing written

@@ -219,12 +219,16 @@ class DataParallel(nn.Module):
         """Per-rank bytes of parameters, gradients (the buckets) and optimizer states."""
         params = sum(p.numel() * p.element_size() for p in self.module.parameters())
         grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
-        optim = 0
-        if getattr(self, "optimizer", None) is not None:
-            for state in self.optimizer.state.values():
-                optim += sum(t.numel() * t.element_size() for t in state.values()
-                             if torch.is_tensor(t) and t.dim() > 0)
-        return {"params": params, "grads": grads, "optimizer": optim}
+        return {"params": params, "grads": grads, "optimizer": optimizer_state_bytes(getattr(self, "optimizer", None))}
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of an optimizer's per-parameter state tensors (Adam's moments); scalars such as
+    the step count are not counted. 0 before the optimizer exists."""
+    if optimizer is None:
+        return 0
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .collectives import Communicator
-from .data_parallel import _plan_buckets, broadcast_module_state
+from .data_parallel import _plan_buckets, broadcast_module_state, optimizer_state_bytes
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Unit:
     gathered: bool = True
     gather_handle: object = None
     handle_order: int = 0
-    is_root: bool = False
+    block: int = -1                  # stage 3: index of the block it belongs to; -1 = the root unit
     gather_target: torch.Tensor | None = None  # stage 3: `full`'s storage, its own version counter
 
 
@@ -88,22 +88,22 @@ class ZeroModel(nn.Module):
             raise ValueError(f"param_groups leave out trainable parameters: {missing[:5]}")
         self.units: list[Unit] = []
         self._unit_of: dict[int, tuple[int, int]] = {}
+        plan: list[tuple[list[nn.Parameter], int]] = []  # (parameters, owning block or -1)
         if stage == 3:
             blocks = list(blocks or [])
             in_block = {id(p) for b in blocks for p in b.parameters()}
-            plan = [[p for p in trainable if id(p) not in in_block]] + [
-                [p for p in b.parameters() if p.requires_grad] for b in blocks]
-            plan = [[q for q in ps if group_of[id(q)] == gi] for ps in plan for gi in range(len(param_groups))]
-            self._unit_modules = [None] + blocks
+            owned = [([p for p in trainable if id(p) not in in_block], -1)] + [
+                ([p for p in b.parameters() if p.requires_grad], bi) for bi, b in enumerate(blocks)]
+            plan = [([q for q in ps if group_of[id(q)] == gi], bi) for ps, bi in owned
+                    for gi in range(len(param_groups))]
         else:
-            plan = []
             for gi in range(len(param_groups)):
                 mine = [q for q in reversed(trainable) if group_of[id(q)] == gi]
                 cap = int(bucket_mb * 2**20)
-                plan += _plan_buckets(mine, cap, cap)
-        for ps in plan:
+                plan += [(ps, -1) for ps in _plan_buckets(mine, cap, cap)]
+        for ps, bi in plan:
             if ps:
-                self._add_unit(ps, group_of[id(ps[0])])
+                self._add_unit(ps, group_of[id(ps[0])], bi)
         self._sync = True
         self._next_launch = 0
         self._staging_pool: list[torch.Tensor] = []
@@ -112,11 +112,11 @@ class ZeroModel(nn.Module):
 
     # -- building ------------------------------------------------------------
     @torch.no_grad()
-    def _add_unit(self, params: list[nn.Parameter], group: int) -> None:
+    def _add_unit(self, params: list[nn.Parameter], group: int, block: int) -> None:
         dtypes = {(q.dtype, q.device) for q in params}
         if len(dtypes) > 1:  # stage 3 block with mixed dtypes: split it further
             for kind in dtypes:
-                self._add_unit([q for q in params if (q.dtype, q.device) == kind], group)
+                self._add_unit([q for q in params if (q.dtype, q.device) == kind], group, block)
             return
         numel = sum(q.numel() for q in params)
         padded = -(-numel // self.p) * self.p
@@ -133,7 +133,7 @@ class ZeroModel(nn.Module):
             shard = nn.Parameter(shard_view.clone())     # the only persistent copy
         else:
             shard = nn.Parameter(shard_view)             # updating it updates my part of `full`
-        unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard)
+        unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard, block=block)
         for pi, q in enumerate(params):
             q.data = full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
             self._unit_of[id(q)] = (ui, pi)
@@ -243,7 +243,7 @@ class ZeroModel(nn.Module):
             unit.incoming = None
             self._staging_pool.append(unit.staging)
             unit.staging = None
-            if self.stage == 3 and not unit.is_root:
+            if self.stage == 3 and unit.block >= 0:
                 self._free(unit)
 
     def finish_gradient_sync(self) -> None:
@@ -310,11 +310,9 @@ class ZeroModel(nn.Module):
 
     # -- stage 3: gather and free ----------------------------------------------
     def _setup_stage3(self, blocks: list[nn.Module]) -> None:
-        self._units_of_module: dict[int, list[Unit]] = {}
+        self._units_of_block: dict[int, list[Unit]] = {}
         for u in self.units:
-            owner = self._owner_module(u)
-            u.is_root = owner is None
-            self._units_of_module.setdefault(id(owner) if owner is not None else 0, []).append(u)
+            self._units_of_block.setdefault(u.block, []).append(u)
             u.gather_target = torch.empty(0, dtype=u.full.dtype, device=u.full.device).set_(
                 u.full.untyped_storage(), 0, (u.padded,))
         for u in self.units:
@@ -324,17 +322,10 @@ class ZeroModel(nn.Module):
             block.register_forward_pre_hook(lambda m, a, bi=bi: self._pre_forward(bi))
             block.register_forward_hook(lambda m, a, o, bi=bi: self._post_forward(bi))
             block.register_full_backward_pre_hook(lambda m, g, bi=bi: self._pre_backward(bi))
-        self._blocks = blocks
-
-    def _owner_module(self, unit: Unit):
-        for b in self._unit_modules[1:]:
-            ids = {id(q) for q in b.parameters()}
-            if id(unit.params[0]) in ids:
-                return b
-        return None
 
     def _block_units(self, bi: int) -> list[Unit]:
-        return self._units_of_module.get(id(self._blocks[bi]), []) if 0 <= bi < len(self._blocks) else []
+        """Units of block bi (none past either end, so prefetching the neighbour is safe)."""
+        return self._units_of_block.get(bi, []) if bi >= 0 else []
 
     def _free(self, unit: Unit) -> None:
         if unit.gathered:
@@ -357,7 +348,7 @@ class ZeroModel(nn.Module):
         unit.gathered = True
 
     def _gather_root(self) -> None:
-        for u in self._units_of_module.get(0, []):
+        for u in self._units_of_block.get(-1, []):
             self._wait_gather(u)
 
     def _pre_forward(self, bi: int) -> None:
@@ -457,11 +448,7 @@ class ZeroModel(nn.Module):
             grads = sum(u.grad_full.numel() * u.grad_full.element_size() for u in self.units)
         else:
             grads = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
-        optim = 0
-        for state in getattr(self, "optimizer", None).state.values() if hasattr(self, "optimizer") else []:
-            optim += sum(t.numel() * t.element_size() for t in state.values()
-                         if torch.is_tensor(t) and t.dim() > 0)
-        return {"params": params, "grads": grads, "optimizer": optim}
+        return {"params": params, "grads": grads, "optimizer": optimizer_state_bytes(getattr(self, "optimizer", None))}
 
 
 def apply_zero(model: nn.Module, group=None, *, stage: int, param_groups: list[dict], algorithm: str = "ring",

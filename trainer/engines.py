@@ -126,8 +126,7 @@ class AccelerateEngine:
                                fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
         self.wrapped = self.acc.prepare(model)
         self.fsdp = plugin is not None
-        self.optimizer = self.acc.prepare(make_optimizer(
-            [dict(g, params=[p for p in g["params"]]) for g in param_groups]))
+        self.optimizer = self.acc.prepare(make_optimizer(param_groups))
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)

@@ -51,7 +51,7 @@ def _quiet_other_ranks(rank: int) -> None:
     root.setLevel(logging.WARNING)
 
 
-def _run_dir(cfg: DictConfig | None) -> Path:
+def _run_dir() -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(os.environ.get("RINGTRAIN_RUN_DIR", "runs/train/untitled"))
@@ -61,7 +61,7 @@ def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> d
     """Trains as `cfg` says; returns the last logged metrics record."""
     tc = cfg if isinstance(cfg, TrainConfig) else load_config(cfg)  # fails here, before any process group
     resolved = dataclasses.asdict(tc)
-    run_dir = Path(run_dir) if run_dir is not None else _run_dir(cfg if isinstance(cfg, DictConfig) else None)
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     want_cuda = tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and torch.cuda.is_available())
     if tc.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible")

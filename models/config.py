@@ -1,6 +1,7 @@
 """Model and attention configuration: plain dataclasses, checked by `validate()`.
 
-Fields are int/float/bool/str or a `Literal` of strings. OmegaConf 2.3 itself rejects
+Fields are int/float/bool/str, a `Literal` of strings, or a nested config dataclass
+(`ModelConfig.moe`, so the command line says `model.moe.num_experts=8`). OmegaConf 2.3 itself rejects
 `Literal` annotations; Hydra gets a mirror with each `Literal` relaxed to `str`
 (trainer/structured.py), and `validate()` enforces the choices here as well, so a
 config built in plain Python is checked the same way.
@@ -8,7 +9,7 @@ config built in plain Python is checked the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 AttentionKind = Literal["softmax", "linear", "performer", "gau", "transnormer"]
@@ -63,6 +64,45 @@ class AttentionConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (models/moe.py); num_experts = 0 keeps the model dense.
+
+    An expert is a GELU MLP of the dense model's shape: hidden width int(model.mlp_ratio * d_model),
+    so top-1 MoE has the dense model's active parameters per token (plus the router).
+    """
+
+    num_experts: int = 0
+    """Experts per MoE layer; 0 = dense model (no MoE)."""
+    top_k: int = 1
+    """Experts per token: 1 (Switch) or 2 (GShard-style, the two weights renormalised to sum 1)."""
+    capacity_factor: float = 1.25
+    """Training capacity per expert = ceil(top_k * tokens / num_experts * factor); <= 0 = dropless."""
+    eval_capacity_factor: float = 2.0
+    """The same, in eval mode (model.eval()); <= 0 = dropless."""
+    every_n_layers: int = 1
+    """Block i (0-based) is MoE when (i + 1) % every_n_layers == 0: 1 = every block, 2 = blocks 1, 3, ..."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the Switch load-balancing loss E * sum_i f_i P_i."""
+    z_loss_coef: float = 0.001
+    """Coefficient of the router z-loss mean(logsumexp(logits)^2)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        _require(self.num_experts >= 0, "model.moe.num_experts", "be >= 0 (0 = dense)", self.num_experts)
+        _require(self.top_k in (1, 2), "model.moe.top_k", "be 1 or 2", self.top_k)
+        if self.num_experts > 0:
+            _require(self.top_k <= self.num_experts, "model.moe.top_k",
+                     f"be <= model.moe.num_experts={self.num_experts}", self.top_k)
+        _require(self.every_n_layers >= 1, "model.moe.every_n_layers", "be >= 1", self.every_n_layers)
+        _require(self.aux_loss_coef >= 0, "model.moe.aux_loss_coef", "be >= 0", self.aux_loss_coef)
+        _require(self.z_loss_coef >= 0, "model.moe.z_loss_coef", "be >= 0", self.z_loss_coef)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (0-based) gets an MoE layer instead of the dense MLP."""
+        return self.num_experts > 0 and (layer_idx + 1) % self.every_n_layers == 0
+
+
+@dataclass
 class ModelConfig:
     """Shape and initialisation of the decoder-only language model."""
 
@@ -86,6 +126,13 @@ class ModelConfig:
     """Dropout on the embeddings and on each residual branch."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts settings (model.moe.*); the default is a dense model."""
+
+    def __post_init__(self):
+        # ModelConfig(**dataclasses.asdict(cfg)) (a saved config) hands `moe` over as a dict.
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
 
     def validate(self, attention: AttentionConfig | None = None) -> None:
         """Raise ValueError naming the first bad field; with `attention`, also check the pair."""
@@ -101,6 +148,10 @@ class ModelConfig:
         _require(self.norm_eps > 0, "model.norm_eps", "be > 0", self.norm_eps)
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "be in [0, 1)", self.dropout)
         _require(self.init_std > 0, "model.init_std", "be > 0", self.init_std)
+        self.moe.validate()
+        if self.moe.num_experts > 0:
+            _require(self.moe.every_n_layers <= self.n_layers, "model.moe.every_n_layers",
+                     f"be <= model.n_layers={self.n_layers} (otherwise no block is MoE)", self.moe.every_n_layers)
         if attention is None:
             return
         attention.validate()
@@ -108,3 +159,7 @@ class ModelConfig:
             head_dim = self.d_model // self.n_heads
             _require(head_dim % 2 == 0, "model.n_heads",
                      f"give an even head dim d_model/n_heads for RoPE (head dim {head_dim})", self.n_heads)
+        if attention.kind == "gau":
+            # GAU stands in for both attention and MLP, so there is no MLP to turn into experts.
+            _require(self.moe.num_experts == 0, "model.moe.num_experts", "be 0 with attention.kind=gau (no MLP)",
+                     self.moe.num_experts)

@@ -1,4 +1,9 @@
-"""Decoder-only language model: embedding, pre-norm blocks, final RMSNorm, LM head."""
+"""Decoder-only language model: embedding, pre-norm blocks, final RMSNorm, LM head.
+
+With model.moe.num_experts > 0 the MLP of every `every_n_layers`-th block is an MoELayer
+(models/moe.py); the loss then includes the routers' aux and z losses and `moe_stats()`
+reports the last forward's routing.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch.nn import functional as F
 from .attention import build_attention
 from .config import AttentionConfig, ModelConfig
 from .mlp import GeluMLP
+from .moe import MoELayer, expert_parameters, moe_layers
 from .norm import RMSNorm
 
 # Linear layers whose output is added to the residual stream; GPT-2 scales their init
@@ -19,7 +25,10 @@ RESIDUAL_PROJECTIONS = ("out_proj", "down_proj")
 
 
 class DecoderBlock(nn.Module):
-    """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)); no MLP when the attention replaces it (GAU)."""
+    """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)); no MLP when the attention replaces it (GAU).
+
+    The MLP is an MoELayer in the blocks that `model.moe.is_moe_layer(layer_idx)` picks.
+    """
 
     def __init__(self, model_cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
@@ -31,7 +40,9 @@ class DecoderBlock(nn.Module):
             self.mlp_norm, self.mlp = None, None
         else:
             self.mlp_norm = RMSNorm(d, model_cfg.norm_eps)
-            self.mlp = GeluMLP(d, int(model_cfg.mlp_ratio * d))
+            hidden = int(model_cfg.mlp_ratio * d)
+            moe = model_cfg.moe
+            self.mlp = MoELayer(d, hidden, moe) if moe.is_moe_layer(layer_idx) else GeluMLP(d, hidden)
         self.dropout = nn.Dropout(model_cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
@@ -80,12 +91,16 @@ class DecoderLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, MoELayer):  # its router is a child Linear, drawn by the branch above
+                module.reset_experts(std, residual_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy (float32) when targets (B, T) are given.
 
-        Targets equal to -100 are ignored (F.cross_entropy's ignore_index).
+        Targets equal to -100 are ignored (F.cross_entropy's ignore_index). With MoE layers the
+        loss also holds their coefficient-weighted aux and z losses for this micro-batch
+        (`moe_stats()` has them apart).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
@@ -104,6 +119,8 @@ class DecoderLM(nn.Module):
             return logits, None
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        for layer in moe_layers(self):
+            loss = loss + layer.aux_loss
         return logits, loss
 
     def set_step(self, step: int) -> None:
@@ -115,13 +132,16 @@ class DecoderLM(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """[decayed, not decayed] optimizer groups covering every trainable parameter exactly once.
 
-        Decayed: the weights of Linear layers (an untied LM head included). Not decayed:
+        Decayed: the weights of Linear layers (an untied LM head and MoE routers included) and
+        the stacked MoE expert matrices. Not decayed:
         norm gains, biases, GAU's scale/offset, embeddings and the head tied to them.
         """
         embedding_ids = {id(self.tok_emb.weight)}
         if self.pos_emb is not None:
             embedding_ids.add(id(self.pos_emb.weight))
         linear_weight_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        # Stacked expert matrices are Linear weights in all but module type.
+        linear_weight_ids |= {id(p) for p in self.expert_parameters()}
         decay, no_decay = [], []
         for p in self.parameters():  # parameters() yields a shared (tied) tensor once
             if not p.requires_grad:
@@ -150,7 +170,33 @@ class DecoderLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training (forward + backward) FLOPs per token: 6 N + 3 * sum of the layers' attention forward FLOPs.
 
-        For softmax attention this is PaLM's 6N + 12 L H Q T.
+        For softmax attention this is PaLM's 6N + 12 L H Q T. With MoE, N counts the active
+        parameters: each MoE layer's router plus top_k experts (nominal: dropped tokens are not
+        subtracted), whatever experts this rank holds under expert parallelism.
         """
         attention = sum(block.attn.flops_per_token(seq_len) for block in self.blocks)
-        return 6.0 * self.num_params(non_embedding=True) + 3.0 * attention
+        n = self.num_params(non_embedding=True) - sum(p.numel() for p in self.expert_parameters())
+        n += sum(layer.active_expert_params() for layer in moe_layers(self))
+        return 6.0 * n + 3.0 * attention
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The MoE expert weights (also tagged `p._ringtrain_expert = True`): data parallelism averages
+        their gradients over the ranks holding the same experts (Topology.expert_dp), the rest over all."""
+        return expert_parameters(self)
+
+    def moe_stats(self) -> dict[str, torch.Tensor]:
+        """Routing of the last forward (this rank's micro-batch), as detached float32 scalars; {} if dense.
+
+        tokens_per_expert_min/mean/max: (token, slot) assignments routed to an expert before
+        dropping, min/mean/max over experts, averaged over MoE layers; dropped_frac: dropped
+        assignments / all assignments, averaged over layers; aux_loss, z_loss: coefficient-weighted,
+        summed over layers (what the forward added to the loss).
+        """
+        layers = moe_layers(self)
+        if not layers:
+            return {}
+        out = {}
+        for key in layers[0].stats:
+            total = torch.stack([layer.stats[key] for layer in layers]).sum()
+            out[key] = total if key in ("aux_loss", "z_loss") else total / len(layers)
+        return out

@@ -17,6 +17,13 @@ How a step's gradients travel:
   bucket. A parameter that got no gradient is an error naming it, unless
   `find_unused_parameters=True`, in which case its (zero or micro-step-accumulated)
   slot is averaged like any other.
+
+Mixed precision (`param_dtype` half, see parallel/precision.py): the parameters are
+cast to half and a float32 master copy of each is what the optimizer updates. Buckets
+hold the communication dtype (`reduce_dtype`, float32 by default): when it differs
+from the parameters', `.grad` cannot be a view, so the hook adds each half gradient
+into its bucket slot and drops it. With float32 buckets the masters' `.grad` are
+bucket views; with half buckets they are float32 copies made after the reduction.
 """
 
 from __future__ import annotations
@@ -48,15 +55,17 @@ class GradBucket:
         return self.buffer[self.offsets[i]: self.offsets[i] + p.numel()].view_as(p)
 
 
-def _plan_buckets(params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int):
+def _plan_buckets(params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int,
+                  dtype: torch.dtype | None = None):
     """Groups of parameters (in the given order) whose sizes fit the caps; a parameter
-    larger than a cap gets a bucket of its own."""
+    larger than a cap gets a bucket of its own. `dtype`: the buckets' element type
+    (default: each parameter's own)."""
     groups: list[list[nn.Parameter]] = []
     open_by_kind: dict[tuple, int] = {}
     sizes: dict[int, int] = {}
     for p in params:
-        kind = (p.dtype, p.device)
-        nbytes = p.numel() * p.element_size()
+        kind = (dtype or p.dtype, p.device)
+        nbytes = p.numel() * (dtype or p.dtype).itemsize
         gi = open_by_kind.get(kind)
         cap = first_bucket_bytes if gi == 0 else bucket_bytes
         if gi is None or (sizes[gi] > 0 and sizes[gi] + nbytes > cap):
@@ -73,7 +82,8 @@ class DataParallel(nn.Module):
     """Wraps `module`; see the module docstring. Build with `apply_ddp`."""
 
     def __init__(self, module: nn.Module, comm: Communicator, *, bucket_mb: float = 25.0,
-                 first_bucket_mb: float = 1.0, find_unused_parameters: bool = False):
+                 first_bucket_mb: float = 1.0, find_unused_parameters: bool = False,
+                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
         super().__init__()
         if bucket_mb <= 0:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
@@ -86,21 +96,31 @@ class DataParallel(nn.Module):
         self._next_launch = 0
         self._names = {id(p): n for n, p in module.named_parameters()}
         params = [p for p in module.parameters() if p.requires_grad]
-        groups = _plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+        # float32 masters of half parameters, made before the cast so they are exact
+        self.master_of: dict[int, nn.Parameter] = {}
+        if param_dtype is not None and any(p.dtype != param_dtype for p in params):
+            with torch.no_grad():
+                for p in params:
+                    self.master_of[id(p)] = nn.Parameter(p.detach().float().clone())
+                    p.data = p.data.to(param_dtype)
+        groups = _plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20),
+                               reduce_dtype)
         self.buckets: list[GradBucket] = []
         self._slot: dict[int, tuple[int, int]] = {}
         for bi, group in enumerate(groups):
             total = sum(p.numel() for p in group)
-            bucket = GradBucket(bi, torch.zeros(total, dtype=group[0].dtype, device=group[0].device))
+            bucket = GradBucket(bi, torch.zeros(total, dtype=reduce_dtype or group[0].dtype, device=group[0].device))
             off = 0
             for pi, p in enumerate(group):
                 bucket.params.append(p)
                 bucket.offsets.append(off)
                 off += p.numel()
                 self._slot[id(p)] = (bi, pi)
-                p.grad = bucket.view(pi)
+                if bucket.buffer.dtype == p.dtype:
+                    p.grad = bucket.view(pi)
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
             self.buckets.append(bucket)
+        self._attach_master_grads()
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -120,17 +140,31 @@ class DataParallel(nn.Module):
         for b in self.buckets:
             b.buffer.zero_()
             for i, p in enumerate(b.params):
-                if p.grad is None or p.grad.data_ptr() != b.view(i).data_ptr():
+                if b.buffer.dtype != p.dtype:
+                    p.grad = None
+                elif p.grad is None or p.grad.data_ptr() != b.view(i).data_ptr():
                     p.grad = b.view(i)
+        self._attach_master_grads()
+
+    def _attach_master_grads(self) -> None:
+        """Masters' .grad: views of float32 buckets; for half buckets, None until
+        master_grads() makes float32 copies after the reduction."""
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                if id(p) in self.master_of:
+                    self.master_of[id(p)].grad = b.view(i) if b.buffer.dtype == torch.float32 else None
 
     # -- the hook and the launches -----------------------------------------
     def _on_grad_ready(self, p: nn.Parameter) -> None:
-        if not self._sync:
-            return
         bi, pi = self._slot[id(p)]
         bucket = self.buckets[bi]
         view = bucket.view(pi)
-        if p.grad.data_ptr() != view.data_ptr():  # someone replaced .grad: bring it home
+        if bucket.buffer.dtype != p.dtype:  # half gradients into float32 buckets: add, drop
+            view.add_(p.grad)
+            p.grad = None
+        if not self._sync:
+            return
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # .grad was replaced: bring it home
             view.copy_(p.grad)
             p.grad = view
         if pi in bucket.ready:
@@ -179,17 +213,62 @@ class DataParallel(nn.Module):
         loss.backward()
 
     def optimizer_step(self) -> None:
-        """The optimizer step."""
+        """The optimizer step; with masters, the half parameters are refreshed from them."""
         self.optimizer.step()
+        if self.master_of:
+            with torch.no_grad():
+                params = [p for b in self.buckets for p in b.params]
+                torch._foreach_copy_(params, [self.master_of[id(p)] for p in params])
+
+    def _optimized(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the masters, or the parameters themselves."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return [self.master_of[id(p)] for p in params] if self.master_of else params
+
+    def master_grads(self) -> list[torch.Tensor]:
+        """The float32 gradients the optimizer will read (after finish_gradient_sync). With
+        half buckets the masters' .grad are made here, as float32 copies."""
+        if self.master_of:
+            for b in self.buckets:
+                if b.buffer.dtype != torch.float32:
+                    for i, p in enumerate(b.params):
+                        m = self.master_of[id(p)]
+                        if m.grad is None:
+                            m.grad = b.view(i).float()
+        return [q.grad for q in self._optimized() if q.grad is not None]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global norm of the (already averaged, replicated) gradients; clipped in place."""
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        self.master_grads()
+        return torch.nn.utils.clip_grad_norm_(self._optimized(), max_norm)
+
+    def nonfinite_grad_names(self, limit: int = 8) -> list[str]:
+        """Names of the first parameters whose (reduced) gradient holds an inf or nan."""
+        out = []
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                if not torch.isfinite(b.view(i)).all():
+                    out.append(self._names.get(id(p), "?"))
+                    if len(out) >= limit:
+                        return out
+        return out
 
     def build_optimizer(self, make, param_groups: list[dict]):
-        """make(param_groups) -> optimizer over the full parameters (replicated state)."""
+        """make(param_groups) -> optimizer over the full parameters (replicated state), or
+        over their float32 masters in mixed precision."""
+        if self.master_of:
+            param_groups = [dict(g, params=[self.master_of[id(p)] for p in g["params"]]) for g in param_groups]
         self.optimizer = make(param_groups)
         return self.optimizer
+
+    @torch.no_grad()
+    def consolidated_state_dict(self) -> dict | None:
+        """Collective (trivially here): the model's state_dict with float32 master values in
+        place of half parameters; a copy on rank 0, None elsewhere."""
+        if self.comm.rank != 0:
+            return None
+        return {k: self.master_of.get(id(v), v).detach().clone()
+                for k, v in self.module.state_dict(keep_vars=True).items()}
 
     def after_step(self) -> None:
         """Nothing to do: every rank applied the same update to its full copy."""
@@ -219,7 +298,9 @@ class DataParallel(nn.Module):
         """Per-rank bytes of parameters, gradients (the buckets) and optimizer states."""
         params = sum(p.numel() * p.element_size() for p in self.module.parameters())
         grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
-        return {"params": params, "grads": grads, "optimizer": optimizer_state_bytes(getattr(self, "optimizer", None))}
+        masters = sum(m.numel() * m.element_size() for m in self.master_of.values())  # K counts them
+        return {"params": params, "grads": grads,
+                "optimizer": masters + optimizer_state_bytes(getattr(self, "optimizer", None))}
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -251,10 +332,13 @@ def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0) 
 
 def apply_ddp(model: nn.Module, group=None, *, algorithm: str = "ring", bucket_mb: float = 25.0,
               first_bucket_mb: float = 1.0, find_unused_parameters: bool = False,
+              param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
               comm: Communicator | None = None) -> DataParallel:
     """Replicates `model` over `group`: rank 0's weights are broadcast, then gradients
-    are averaged in overlapped buckets with the collective `algorithm`."""
+    are averaged in overlapped buckets with the collective `algorithm`. `param_dtype`
+    half: parameters cast to it, float32 masters kept; `reduce_dtype`: the buckets'."""
     comm = comm or Communicator(group, algorithm=algorithm)
     broadcast_module_state(model, comm)
     return DataParallel(model, comm, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
-                        find_unused_parameters=find_unused_parameters)
+                        find_unused_parameters=find_unused_parameters, param_dtype=param_dtype,
+                        reduce_dtype=reduce_dtype)

@@ -23,6 +23,13 @@ optimizer on its shards only (the optimizer is built over the shards, see
 Units never mix optimizer groups (weight decay / none), dtypes or devices. Stage 1
 and 2 units are buckets in reverse registration order (about `bucket_mb` each).
 Global-norm clipping sums squares over every rank's shards.
+
+Mixed precision (`param_dtype` half, see parallel/precision.py): `full` (the
+parameters in compute) is half; each rank's float32 master shard is a separate
+tensor, the only place the optimizer writes. After a step the master shard is cast
+into this rank's part of `full` (stage 3: into a persistent half shard, the gather
+source) and all-gathered. Gradients travel in `reduce_dtype` (float32 by default):
+staging buffers and gradient shards have that dtype and the hooks cast into them.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class Unit:
     padded: int                      # multiple of world size
     full: torch.Tensor               # (padded,) full parameters (stage 3: storage freed when not in use)
     shard: nn.Parameter              # (padded / p,) this rank's master shard, what the optimizer updates
+    half_shard: torch.Tensor | None  # mixed precision, stage 3: this rank's shard in param dtype (gather source)
+    grad_dtype: torch.dtype          # dtype gradients are reduced in
     grad_full: torch.Tensor | None = None   # stage 1: (padded,) gradients, params' .grad are views
     grad_shard: torch.Tensor | None = None  # stage 2/3: (padded / p,) averaged gradient shard
     ready: set[int] = field(default_factory=set)
@@ -71,7 +80,8 @@ class ZeroModel(nn.Module):
     """Stage 2/3 staging buffers per dtype (each the size of the largest unit)."""
 
     def __init__(self, module: nn.Module, comm: Communicator, *, stage: int, param_groups: list[dict],
-                 bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None):
+                 bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None,
+                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
         super().__init__()
         if stage not in (1, 2, 3):
             raise ValueError(f"parallel.name=zero{stage}: ZeRO stages are 1, 2 and 3")
@@ -79,6 +89,7 @@ class ZeroModel(nn.Module):
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
         self.module, self.comm, self.stage = module, comm, stage
         self.p, self.rank = comm.world_size, comm.rank
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self._names = {id(p): n for n, p in module.named_parameters()}
         self.group_options = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
         group_of = {id(p): gi for gi, g in enumerate(param_groups) for p in g["params"]}
@@ -120,33 +131,41 @@ class ZeroModel(nn.Module):
             return
         numel = sum(q.numel() for q in params)
         padded = -(-numel // self.p) * self.p
-        full = params[0].new_zeros(padded)
+        exact = params[0].new_zeros(padded)              # the parameters in their own (float32) dtype
         offsets, off = [], 0
         for q in params:
             offsets.append(off)
-            full[off: off + q.numel()].copy_(q.reshape(-1))
+            exact[off: off + q.numel()].copy_(q.reshape(-1))
             off += q.numel()
         S = padded // self.p
         ui = len(self.units)
-        shard_view = full[self.rank * S: (self.rank + 1) * S]
-        if self.stage == 3:
-            shard = nn.Parameter(shard_view.clone())     # the only persistent copy
+        mine = slice(self.rank * S, (self.rank + 1) * S)
+        mixed = self.param_dtype is not None and self.param_dtype != exact.dtype
+        full = exact.to(self.param_dtype) if mixed else exact
+        half_shard = None
+        if mixed:
+            shard = nn.Parameter(exact[mine].clone())    # float32 master, apart from the half `full`
+            half_shard = full[mine].clone() if self.stage == 3 else None
+        elif self.stage == 3:
+            shard = nn.Parameter(exact[mine].clone())    # the only persistent copy
         else:
-            shard = nn.Parameter(shard_view)             # updating it updates my part of `full`
-        unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard, block=block)
+            shard = nn.Parameter(exact[mine])            # updating it updates my part of `full`
+        grad_dtype = self.reduce_dtype or full.dtype
+        unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard, half_shard, grad_dtype,
+                    block=block)
         for pi, q in enumerate(params):
             q.data = full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
             self._unit_of[id(q)] = (ui, pi)
             q.register_post_accumulate_grad_hook(self._on_grad_ready)
         if self.stage == 1:
-            unit.grad_full = full.new_zeros(padded)
-            for pi, q in enumerate(params):
-                q.grad = unit.grad_full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
-            shard.grad = unit.grad_full[self.rank * S: (self.rank + 1) * S]
+            unit.grad_full = full.new_zeros(padded, dtype=grad_dtype)
+            if grad_dtype == full.dtype:  # otherwise the hook adds half grads into it
+                for pi, q in enumerate(params):
+                    q.grad = unit.grad_full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
         else:
-            unit.grad_shard = full.new_zeros(S)
-            shard.grad = unit.grad_shard
+            unit.grad_shard = full.new_zeros(S, dtype=grad_dtype)
         self.units.append(unit)
+        self._attach_shard_grad(unit)
 
     def build_optimizer(self, make, param_groups: list[dict] | None = None):
         """make(param_groups) -> optimizer over this rank's shards, in the groups given at
@@ -178,7 +197,10 @@ class ZeroModel(nn.Module):
         unit = self.units[ui]
         if self.stage == 1:
             view = unit.grad_full[unit.offsets[pi]: unit.offsets[pi] + q.numel()].view_as(q)
-            if q.grad.data_ptr() != view.data_ptr():
+            if view.dtype != q.dtype:  # half gradients into a float32 buffer: add, drop
+                view.add_(q.grad)
+                q.grad = None
+            elif q.grad.data_ptr() != view.data_ptr():
                 view.copy_(q.grad)
                 q.grad = view
             if not self._sync:
@@ -205,17 +227,18 @@ class ZeroModel(nn.Module):
         gradients interleave with others') is one more made, so backward never deadlocks."""
         self._reap()
         while True:
+            dtype = unit.grad_dtype
             for i, buf in enumerate(self._staging_pool):
-                if buf.dtype == unit.full.dtype and buf.device == unit.full.device and buf.numel() >= unit.padded:
+                if buf.dtype == dtype and buf.device == unit.full.device and buf.numel() >= unit.padded:
                     self._staging_pool.pop(i)
                     return buf
-            held = [u for u in self.units if u.staging is not None and u.full.dtype == unit.full.dtype]
+            held = [u for u in self.units if u.staging is not None and u.grad_dtype == dtype]
             if len(held) < self.STAGING:
-                size = max(u.padded for u in self.units if u.full.dtype == unit.full.dtype)
-                return unit.full.new_zeros(size)
+                size = max(u.padded for u in self.units if u.grad_dtype == dtype)
+                return unit.full.new_zeros(size, dtype=dtype)
             inflight = [u for u in held if u.handle is not None]
             if not inflight:
-                return unit.full.new_zeros(unit.padded)
+                return unit.full.new_zeros(unit.padded, dtype=dtype)
             self._complete(min(inflight, key=lambda u: u.handle_order))
 
     def _reap(self) -> None:
@@ -228,7 +251,7 @@ class ZeroModel(nn.Module):
         if self.stage == 1:
             unit.handle = self.comm.all_reduce(unit.grad_full, op="avg", async_op=True)
         else:
-            unit.incoming = unit.full.new_empty(unit.padded // self.p)
+            unit.incoming = unit.grad_shard.new_empty(unit.padded // self.p)
             unit.handle = self.comm.reduce_scatter(unit.incoming, unit.staging[: unit.padded], op="avg",
                                                    async_op=True)
             unit.ready.clear()  # the next micro-step's gradients start a new round
@@ -274,9 +297,48 @@ class ZeroModel(nn.Module):
         self.optimizer.step()
         self.after_step()
 
+    def _attach_shard_grad(self, unit: Unit) -> None:
+        """The master shard's .grad: a view of this rank's part of the reduced gradients
+        when their dtype is the master's; otherwise None until master_grads()."""
+        S = unit.padded // self.p
+        if unit.grad_dtype != unit.shard.dtype:
+            unit.shard.grad = None
+        elif self.stage == 1:
+            unit.shard.grad = unit.grad_full[self.rank * S: (self.rank + 1) * S]
+        else:
+            unit.shard.grad = unit.grad_shard
+
+    def master_grads(self) -> list[torch.Tensor]:
+        """The float32 gradient shards the optimizer reads (after finish_gradient_sync);
+        made here as copies when gradients were reduced in half precision."""
+        S = lambda u: u.padded // self.p  # noqa: E731
+        for u in self.units:
+            if u.shard.grad is None:
+                g = u.grad_full[self.rank * S(u): (self.rank + 1) * S(u)] if self.stage == 1 else u.grad_shard
+                u.shard.grad = g.to(u.shard.dtype)
+        return [u.shard.grad for u in self.units]
+
+    def nonfinite_grad_names(self, limit: int = 8) -> list[str]:
+        """Names of the first parameters with a non-finite element in this rank's gradient shards."""
+        out: list[str] = []
+        for u, g in zip(self.units, self.master_grads()):
+            S = u.padded // self.p
+            bad = (~torch.isfinite(g)).nonzero().flatten()
+            for i in bad.tolist():
+                pos = self.rank * S + i
+                if pos >= u.numel:
+                    continue
+                pi = max(j for j, off in enumerate(u.offsets) if off <= pos)
+                name = self._names.get(id(u.params[pi]), "?")
+                if name not in out:
+                    out.append(name)
+                    if len(out) >= limit:
+                        return out
+        return out
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every rank's gradient shards; scales them when above max_norm."""
-        grads = [u.shard.grad for u in self.units]
+        grads = self.master_grads()
         sq = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else "cpu")
         for g in grads:
             sq += g.double().pow(2).sum()
@@ -290,12 +352,18 @@ class ZeroModel(nn.Module):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Brings the updated shards back into full parameters (stages 1 and 2)."""
-        if self.stage == 3:
-            return
+        """Brings the updated shards back into full parameters (stages 1 and 2); stage 3
+        only refreshes its half gather source from the masters."""
         for u in self.units:
             S = u.padded // self.p
-            self.comm.all_gather(u.full, u.full[self.rank * S: (self.rank + 1) * S].clone())
+            if self.stage == 3:
+                if u.half_shard is not None:
+                    u.half_shard.copy_(u.shard)
+                continue
+            mine = u.full[self.rank * S: (self.rank + 1) * S]
+            if mine.data_ptr() != u.shard.data_ptr():
+                mine.copy_(u.shard)  # float32 master -> half parameters
+            self.comm.all_gather(u.full, mine.clone())
 
     def zero_grad(self) -> None:
         for u in self.units:
@@ -303,10 +371,13 @@ class ZeroModel(nn.Module):
                 u.grad_full.zero_()
                 for pi, q in enumerate(u.params):
                     view = u.grad_full[u.offsets[pi]: u.offsets[pi] + q.numel()].view_as(q)
-                    if q.grad is None or q.grad.data_ptr() != view.data_ptr():
+                    if view.dtype != q.dtype:
+                        q.grad = None
+                    elif q.grad is None or q.grad.data_ptr() != view.data_ptr():
                         q.grad = view
             else:
                 u.grad_shard.zero_()
+            self._attach_shard_grad(u)
 
     # -- stage 3: gather and free ----------------------------------------------
     def _setup_stage3(self, blocks: list[nn.Module]) -> None:
@@ -338,7 +409,8 @@ class ZeroModel(nn.Module):
         unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
         # into gather_target: the parameters' views (saved by autograd for backward) must not
         # see a version bump when their storage is refilled with the same values
-        unit.gather_handle = self.comm.all_gather(unit.gather_target, unit.shard.detach(), async_op=True)
+        source = unit.half_shard if unit.half_shard is not None else unit.shard.detach()
+        unit.gather_handle = self.comm.all_gather(unit.gather_target, source, async_op=True)
 
     def _wait_gather(self, unit: Unit) -> None:
         self._start_gather(unit)
@@ -381,6 +453,23 @@ class ZeroModel(nn.Module):
         finally:
             for u in self.units:
                 self._free(u)
+
+    @torch.no_grad()
+    def consolidated_state_dict(self) -> dict | None:
+        """Collective: the model's full state_dict on rank 0 (None elsewhere), parameters
+        taken from the float32 master shards (all-gathered unit by unit), so a resumed
+        mixed-precision run starts from exactly the masters it saved."""
+        values: dict[int, torch.Tensor] = {}
+        for u in self.units:
+            flat = u.shard.new_empty(u.padded)
+            self.comm.all_gather(flat, u.shard.detach())
+            if self.rank == 0:
+                for q, off in zip(u.params, u.offsets):
+                    values[id(q)] = flat[off: off + q.numel()].view(q.shape).clone()
+        if self.rank != 0:
+            return None
+        return {k: values[id(v)] if id(v) in values else v.detach().clone()
+                for k, v in self.module.state_dict(keep_vars=True).items()}
 
     # -- resharding checkpoints (torch.distributed.checkpoint) ------------------------
     def _dtensor_state(self) -> dict:
@@ -441,21 +530,27 @@ class ZeroModel(nn.Module):
         """Persistent per-rank bytes of parameters, gradients and optimizer states."""
         S = lambda u: u.padded // self.p  # noqa: E731
         if self.stage == 3:
-            params = sum(S(u) * u.shard.element_size() for u in self.units)
+            params = sum(S(u) * u.full.element_size() for u in self.units)
         else:
             params = sum(u.padded * u.full.element_size() for u in self.units)
         if self.stage == 1:
             grads = sum(u.grad_full.numel() * u.grad_full.element_size() for u in self.units)
         else:
             grads = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
-        return {"params": params, "grads": grads, "optimizer": optimizer_state_bytes(getattr(self, "optimizer", None))}
+        # float32 masters distinct from the parameters count with the optimizer states (K = 12)
+        masters = sum(S(u) * u.shard.element_size() for u in self.units if u.shard.dtype != u.full.dtype)
+        return {"params": params, "grads": grads,
+                "optimizer": masters + optimizer_state_bytes(getattr(self, "optimizer", None))}
 
 
 def apply_zero(model: nn.Module, group=None, *, stage: int, param_groups: list[dict], algorithm: str = "ring",
                bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None,
+               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
                comm: Communicator | None = None) -> ZeroModel:
     """Shards `model`'s training state over `group` (ZeRO `stage`), after making every
-    rank's weights rank 0's. `blocks`: the stage-3 gather units (e.g. the transformer blocks)."""
+    rank's weights rank 0's. `blocks`: the stage-3 gather units (e.g. the transformer blocks).
+    `param_dtype` half: half parameters, float32 master shards; `reduce_dtype`: gradients'."""
     comm = comm or Communicator(group, algorithm=algorithm)
     broadcast_module_state(model, comm)
-    return ZeroModel(model, comm, stage=stage, param_groups=param_groups, bucket_mb=bucket_mb, blocks=blocks)
+    return ZeroModel(model, comm, stage=stage, param_groups=param_groups, bucket_mb=bucket_mb, blocks=blocks,
+                     param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -52,10 +52,38 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Compute precision of forward and backward (weights and optimizer stay float32)."""
+    """Mixed precision (parallel/precision.py) and fp16's dynamic loss scaling (parallel/loss_scale.py)."""
 
-    name: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast (fp16 with loss scaling arrives with the mixed-precision work)."""
+    name: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """fp32; or bf16 / fp16: half parameters and autocast, float32 master weights; fp16 with loss scaling."""
+    grad_reduce: Literal["fp32", "half"] = "fp32"
+    """dtype of gradient communication and gradient buffers: fp32, or the half type (less traffic and memory)."""
+    init_scale: float = 65536.0
+    """fp16: initial loss scale (2^16)."""
+    growth_factor: float = 2.0
+    """fp16: the scale is multiplied by this after growth_interval overflow-free steps."""
+    backoff_factor: float = 0.5
+    """fp16: the scale is multiplied by this on an overflow (beyond hysteresis)."""
+    growth_interval: int = 2000
+    """fp16: overflow-free steps before the scale grows."""
+    hysteresis: int = 1
+    """fp16: consecutive overflows until the scale backs off (1 = every overflow, as torch's GradScaler)."""
+    min_scale: float = 1.0
+    """fp16: the scale never goes below this."""
+    max_scale: float = 16777216.0
+    """fp16: the scale never goes above this (2^24)."""
+    on_min_scale: Literal["warn", "raise"] = "warn"
+    """fp16: an overflow at min_scale warns and goes on, or stops the run."""
+    report_overflow: bool = False
+    """fp16: on an overflow, log the first parameters whose gradients were not finite (one extra gather)."""
+
+    def validate(self) -> None:
+        from parallel.loss_scale import DynamicLossScaler
+
+        DynamicLossScaler(init_scale=self.init_scale, growth_factor=self.growth_factor,
+                          backoff_factor=self.backoff_factor, growth_interval=self.growth_interval,
+                          hysteresis=self.hysteresis, min_scale=self.min_scale, max_scale=self.max_scale,
+                          on_min_scale=self.on_min_scale)  # raises naming precision.<key>
 
 
 @dataclass

@@ -12,6 +12,7 @@ DeepSpeed keeps its own communication (torch.distributed collectives), so ringtr
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -30,6 +31,11 @@ def deepspeed_config(tc: TrainConfig) -> dict:
         "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                               "overlap_comm": True, "contiguous_gradients": True},
         "bf16": {"enabled": tc.precision.name == "bf16"},
+        # ringtrain's scaler settings in DeepSpeed's terms (its scale moves by a factor of 2)
+        "fp16": {"enabled": tc.precision.name == "fp16", "loss_scale": 0,
+                 "initial_scale_power": int(round(math.log2(tc.precision.init_scale))),
+                 "loss_scale_window": tc.precision.growth_interval, "hysteresis": tc.precision.hysteresis,
+                 "consecutive_hysteresis": True, "min_loss_scale": tc.precision.min_scale},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -83,6 +89,14 @@ class DeepSpeedEngine:
             return self._ds.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
+    def consolidated_state_dict(self) -> dict | None:
+        return _rank0_state(self)
+
+    def loss_scale(self) -> float | None:
+        """DeepSpeed's current fp16 loss scale."""
+        scale = getattr(self.engine.optimizer, "cur_scale", None) or getattr(self.engine.optimizer, "loss_scale", None)
+        return None if scale is None else float(scale)
+
     def model_state_bytes(self) -> dict[str, int]:
         return {}  # DeepSpeed's partitions are internal; compare peak memory instead
 
@@ -122,7 +136,7 @@ class AccelerateEngine:
                 sharding_strategy=ShardingStrategy.FULL_SHARD if tc.parallel.name == "zero3"
                 else ShardingStrategy.SHARD_GRAD_OP,
                 auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True, sync_module_states=True)
-        self.acc = Accelerator(mixed_precision="bf16" if tc.precision.name == "bf16" else "no",
+        self.acc = Accelerator(mixed_precision="no" if tc.precision.name == "fp32" else tc.precision.name,
                                fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
         self.wrapped = self.acc.prepare(model)
         self.fsdp = plugin is not None
@@ -155,6 +169,14 @@ class AccelerateEngine:
             return FSDP.summon_full_params(self.wrapped, writeback=False)
         return contextlib.nullcontext()
 
+    def consolidated_state_dict(self) -> dict | None:
+        return _rank0_state(self)
+
+    def loss_scale(self) -> float | None:
+        """Accelerate's GradScaler scale (fp16), if it made one."""
+        scaler = getattr(self.acc, "scaler", None)
+        return None if scaler is None else float(scaler.get_scale())
+
     def model_state_bytes(self) -> dict[str, int]:
         return {}
 
@@ -166,3 +188,12 @@ class AccelerateEngine:
         if not path.is_dir():
             raise ValueError(f"trainer.resume: {path} is missing (not an Accelerate checkpoint)")
         self.acc.load_state(str(path))
+
+
+def _rank0_state(engine) -> dict | None:
+    """The engine's full model state on rank 0 (gathered first when sharded)."""
+    with engine.gathered():
+        if engine.comm.rank != 0:
+            return None
+        return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                for k, v in engine.module.state_dict().items()}

@@ -12,6 +12,9 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from parallel.loss_scale import DynamicLossScaler
+from parallel.precision import PrecisionPolicy, unscale_clip_step
+
 from . import checkpoint
 from .config import TrainConfig
 from .data import ShardedBatches, eval_batches
@@ -35,6 +38,8 @@ class RunState:
     peak_flops: float
     metrics_file: object          # rank 0 only, else None
     logger: object                # rank 0 only, else None
+    policy: PrecisionPolicy = PrecisionPolicy.from_name("fp32")
+    scaler: DynamicLossScaler | None = None  # fp16 with the native engine
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -45,19 +50,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision.name == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step: accumulation, averaged gradients, clipping, update.
-    Returns (mean micro-batch loss, global grad norm) as device tensors."""
+    """One optimizer step: accumulation, scaled backward, averaged gradients, unscaling,
+    overflow check, clipping, update. Returns (mean micro-batch loss, global grad norm)."""
     cfg, ddp, model = s.cfg, s.ddp, s.ddp.module
-    set_lr(s.optimizer, lr_at(step, cfg.optim, cfg.trainer.max_steps))
+    skipped = s.scaler.state.skipped_steps if s.scaler else 0
+    # a skipped (overflowed) step does not advance the schedule
+    set_lr(s.optimizer, lr_at(step - skipped, cfg.optim, cfg.trainer.max_steps))
     model.set_step(step)  # Performer redraws its features here, identically on every rank
     accum = cfg.trainer.grad_accum
+    scale = s.scaler.scale if s.scaler else 1.0  # fp16: keeps small gradients representable
     loss_sum = torch.zeros((), device=s.device)
     for micro in range(accum):
         x, y = s.batches.next_batch()                     # (B, T) int64 each
@@ -66,14 +68,20 @@ def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # gradients of all but the last micro-step stay local; the last one's backward
         # launches each bucket's all-reduce as soon as the bucket is complete
         with (contextlib.nullcontext() if last else ddp.no_sync()):
-            with _autocast(cfg, s.device):
-                _, loss = ddp(x, y)                       # mean cross-entropy over B*T
-            ddp.backward(loss / accum)
+            with s.policy.autocast(s.device):
+                _, loss = ddp(x, y)                       # mean cross-entropy over B*T, float32
+            ddp.backward(loss * (scale / accum))
         loss_sum += loss.detach()
     ddp.finish_gradient_sync()                            # averaged over data-parallel ranks
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    grad_norm = ddp.clip_grad_norm_(clip)                 # global norm, across shards under ZeRO
-    ddp.optimizer_step()                                  # ZeRO: this rank's shards, then all-gather
+    if cfg.engine == "native":
+        # unscale, global norm (across shards under ZeRO), skip everywhere if any rank
+        # overflowed, clip, step on the float32 masters, refresh/all-gather the parameters
+        grad_norm, _ = unscale_clip_step(ddp, s.scaler, max_norm=clip,
+                                         report_overflow=cfg.precision.report_overflow)
+    else:  # the engine scales, clips and steps itself
+        grad_norm = ddp.clip_grad_norm_(clip)
+        ddp.optimizer_step()
     ddp.zero_grad()
     return loss_sum / accum, grad_norm
 
@@ -87,13 +95,23 @@ def evaluate(s: RunState) -> float:
     for x, y in eval_batches(s.val_tokens, seq_len=s.cfg.model.seq_len,
                              micro_batch_size=s.cfg.trainer.micro_batch_size, dp_rank=s.rank,
                              dp_size=s.world_size, max_batches=s.cfg.trainer.eval_batches):
-        with _autocast(s.cfg, s.device):
+        with s.policy.autocast(s.device):
             _, loss = s.ddp(x.to(s.device), y.to(s.device))  # through the wrapper: FSDP must unshard
         total[0] += loss.double()
         total[1] += 1
     s.ddp.comm.all_reduce(total, op="sum")
     model.train()
     return (total[0] / total[1].clamp_min(1)).item()
+
+
+def _scaler_metrics(s: RunState) -> dict:
+    """fp16: the loss scale and the overflow counters (DeepSpeed's own scale for engine=deepspeed)."""
+    if s.scaler is not None:
+        st = s.scaler.state
+        return {"loss_scale": st.scale, "skipped_steps": st.skipped_steps,
+                "consecutive_overflows": st.consecutive_overflows}
+    engine_scale = getattr(s.ddp, "loss_scale", None)
+    return {"loss_scale": engine_scale()} if callable(engine_scale) and s.cfg.precision.name == "fp16" else {}
 
 
 def run(s: RunState, start_step: int) -> dict:
@@ -136,6 +154,7 @@ def run(s: RunState, start_step: int) -> dict:
                     "comm_wait_s_per_step": step_wait if native else None,
                     **{f"mem_{k}_bytes": v for k, v in s.ddp.model_state_bytes().items()},
                     "peak_mem_mb": peak_memory_mb(s.device),
+                    **_scaler_metrics(s),
                 }
                 if is_eval:
                     record["val_loss"] = evaluate(s)
@@ -150,11 +169,12 @@ def run(s: RunState, start_step: int) -> dict:
                 bytes0, wait0 = stats.bytes_sent, stats.wait_s
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == end:
                 t_save = time.perf_counter()
-                with s.ddp.gathered():  # ZeRO-3: full parameters for the consolidated model.pt
-                    model_state = ({k: v.detach().clone() for k, v in s.ddp.module.state_dict().items()}
-                                   if s.rank == 0 else None)
+                # float32 (master) weights, gathered from the shards under ZeRO; rank 0's copy
+                model_state = s.ddp.consolidated_state_dict()
+                rank_state = {"sampler": s.batches.state_dict(),
+                              "loss_scaler": s.scaler.state_dict() if s.scaler else None}
                 checkpoint.save(ckpt_root, done, model_state=model_state, save_optimizer=s.ddp.save_optimizer,
-                                rank_state={"sampler": s.batches.state_dict()}, rank=s.rank,
+                                rank_state=rank_state, rank=s.rank,
                                 world_size=s.world_size, group=s.ddp.comm.group,
                                 keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name})
                 window_t0 += time.perf_counter() - t_save  # saving is not training time

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.transformer import DecoderLM
 from parallel.collectives import Communicator, Tuning
 from parallel.data_parallel import apply_ddp, broadcast_module_state
+from parallel.precision import PrecisionPolicy, build_loss_scaler
 from parallel.process_group import init_distributed, shutdown
 from parallel.topology import Topology
 from parallel.zero import apply_zero
@@ -110,22 +111,28 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
                         tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
     groups = model.param_groups(tc.optim.weight_decay)
+    # half parameters in compute, float32 masters inside the wrapper; gradients travel in reduce_dtype
+    policy = PrecisionPolicy.from_name(tc.precision.name, grad_reduce=tc.precision.grad_reduce)
+    mp = {"param_dtype": policy.param_dtype, "reduce_dtype": policy.reduce_dtype}
     if tc.engine != "native":  # a comparison engine moves the gradients
         broadcast_module_state(model, comm)
         engine_cls = DeepSpeedEngine if tc.engine == "deepspeed" else AccelerateEngine
         ddp = engine_cls(model, tc, adamw_factory(tc.optim), groups, comm)
     elif tc.parallel.name == "ddp":
         ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
-                        find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm)
+                        find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm, **mp)
     else:
         ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
-                         bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm)
+                         bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm, **mp)
     optimizer = ddp.optimizer if tc.engine != "native" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
+    scaler = build_loss_scaler(policy, tc.precision) if tc.engine == "native" else None
     if resume is not None:
         ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
         batches.load_state_dict(rank_state["sampler"], reshard=resharded)
+        if scaler is not None and rank_state.get("loss_scaler"):
+            scaler.load_state_dict(rank_state["loss_scaler"])
 
-    peak, peak_src = peak_flops(device, bf16=tc.precision.name == "bf16", override_tflops=tc.trainer.peak_tflops)
+    peak, peak_src = peak_flops(device, bf16=policy.mixed, override_tflops=tc.trainer.peak_tflops)
     metrics_file = logger = None
     if ctx.rank == 0:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
@@ -135,12 +142,12 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
         log.info(f"run dir {run_dir} | {ctx.world_size} rank(s), {ctx.backend}, {device} | "
                  f"model {n_params / 1e6:.2f}M non-embedding params, attention {tc.attention.kind} | "
                  f"data {tokens.description}: {len(tokens.train):,} train tokens | "
-                 f"engine {tc.engine}, {tc.parallel.name}"
+                 f"engine {tc.engine}, {tc.parallel.name}, {tc.precision.name}"
                  + (f" over {comm.algorithm_for('all_reduce')}" if tc.engine == "native" else "") + " | "
                  f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
                  + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
     state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,
-                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger)
+                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger, policy, scaler)
     try:
         record = run(state, start_step)
     finally:

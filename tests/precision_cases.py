@@ -1,0 +1,181 @@
+"""Mixed-precision cases run inside the shared worker pools (see harness.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from models.config import AttentionConfig, ModelConfig
+from models.transformer import DecoderLM
+from parallel.collectives import Communicator
+from parallel.data_parallel import apply_ddp
+from parallel.loss_scale import DynamicLossScaler
+from parallel.precision import PrecisionPolicy, unscale_clip_step
+from parallel.zero import apply_zero
+
+V, T = 64, 16
+
+
+def _model(seed: int) -> DecoderLM:
+    torch.manual_seed(seed)
+    return DecoderLM(ModelConfig(vocab_size=V, seq_len=T, d_model=32, n_layers=2, n_heads=2, mlp_ratio=2.0),
+                     AttentionConfig(kind="softmax"))
+
+
+def _wrap(model, comm, parallel: str, policy: PrecisionPolicy):
+    mp = {"param_dtype": policy.param_dtype, "reduce_dtype": policy.reduce_dtype}
+    if parallel == "ddp":
+        return apply_ddp(model, bucket_mb=0.01, comm=comm, **mp)
+    return apply_zero(model, stage=int(parallel[-1]), param_groups=model.param_groups(0.1), bucket_mb=0.01,
+                      blocks=list(model.blocks), comm=comm, **mp)
+
+
+def _make_opt(groups):
+    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+
+
+def _batch(step: int, n: int, noise: float = 0.0):
+    """Sequences of a fixed affine recurrence mod V (learnable), with optional random tokens."""
+    g = torch.Generator().manual_seed(4099 * step + 17)
+    start = torch.randint(0, V, (n, 1), generator=g)
+    seq = (start * 5 + 3 * torch.arange(T + 1)) % V
+    if noise:
+        flip = torch.rand(seq.shape, generator=g) < noise
+        seq = torch.where(flip, torch.randint(0, V, seq.shape, generator=g), seq)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def _snapshot(wrapper) -> list[torch.Tensor]:
+    """Every tensor a step could change on this rank: parameters in compute, the
+    optimizer's parameters (masters / shards) and its state. Collective (ZeRO-3 gathers)."""
+    with wrapper.gathered():
+        out = [p.detach().clone() for p in wrapper.module.parameters()]
+    for group in wrapper.optimizer.param_groups:
+        for q in group["params"]:
+            out.append(q.detach().clone())
+            out += [t.clone() for t in wrapper.optimizer.state[q].values() if torch.is_tensor(t)]
+    return out
+
+
+def overflow_on_one_rank_skips_everywhere(rank: int, world: int, parallel: str, bad_rank: int = 1,
+                                          param: str = "blocks.1.mlp.down_proj.weight") -> dict:
+    """fp16: step 0 is normal; on step 1 one gradient element of `param` is made inf on
+    `bad_rank` only: every rank must skip (bitwise-unchanged parameters, masters and
+    optimizer state; the scale backs off); step 2 is applied again."""
+    policy = PrecisionPolicy.from_name("fp16")
+    comm = Communicator(None)
+    model = _model(5)
+    wrapper = _wrap(model, comm, parallel, policy)
+    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=1000)
+    target = dict(model.named_parameters())[param]
+
+    def poison(g):
+        g = g.clone()
+        g.view(-1)[3] = float("inf")
+        return g
+
+    stepped, names, unchanged = [], [], None
+    for step in range(3):
+        handle = target.register_hook(poison) if (step == 1 and rank == bad_rank) else None
+        x, y = _batch(step, 2 * world)
+        mine = slice(2 * rank, 2 * rank + 2)
+        before = _snapshot(wrapper)
+        with policy.autocast(torch.device("cpu")):
+            _, loss = wrapper(x[mine], y[mine])
+        wrapper.backward(loss * scaler.scale)
+        wrapper.finish_gradient_sync()
+        _, ok = unscale_clip_step(wrapper, scaler, max_norm=1.0, report_overflow=True)
+        stepped.append(ok)
+        if step == 1:
+            names = wrapper.nonfinite_grad_names()
+            after = _snapshot(wrapper)
+            unchanged = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+        wrapper.zero_grad()
+        if handle is not None:
+            handle.remove()
+    comm.close()
+    return {"stepped": stepped, "unchanged": unchanged, "names": names, "scale": scaler.scale,
+            "skipped": scaler.state.skipped_steps}
+
+
+def mixed_matches_reference(rank: int, world: int, parallel: str, precision: str, grad_reduce: str = "fp32",
+                            steps: int = 3) -> dict:
+    """The distributed mixed-precision step equals a single-process reference of the same
+    policy: half parameters, each rank's micro-batch forward/backward in half (same shapes,
+    so the same half gradients), gradients averaged in the communication dtype, unscaled,
+    clipped by the global norm, AdamW on float32 masters, masters cast back to half."""
+    policy = PrecisionPolicy.from_name(precision, grad_reduce=grad_reduce)
+    comm = Communicator(None)
+    model = _model(11)
+    ref = copy.deepcopy(model)                     # float32, same weights
+    masters = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    ref.to(policy.param_dtype)
+    ref_opt = _make_opt([{"params": masters, "weight_decay": 0.0}])
+    wrapper = _wrap(model, comm, parallel, policy)
+    wrapper.build_optimizer(lambda gs: _make_opt([dict(g, weight_decay=0.0) for g in gs]), model.param_groups(0.1))
+    scale = 2.0**8 if precision == "fp16" else 1.0
+    scaler = DynamicLossScaler(init_scale=scale) if precision == "fp16" else None
+    for step in range(steps):
+        x, y = _batch(step, 2 * world)
+        with policy.autocast(torch.device("cpu")):
+            _, loss = wrapper(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
+        wrapper.backward(loss * scale)
+        wrapper.finish_gradient_sync()
+        _, ok = unscale_clip_step(wrapper, scaler, max_norm=0.5)
+        assert ok, "no overflow expected at this scale"
+        wrapper.zero_grad()
+        # the reference: every rank's micro-batch in turn, gradients summed in reduce dtype
+        total = [torch.zeros_like(m, dtype=policy.reduce_dtype) for m in masters]
+        for r in range(world):
+            ref.zero_grad()
+            with policy.autocast(torch.device("cpu")):
+                _, ref_loss = ref(x[2 * r: 2 * r + 2], y[2 * r: 2 * r + 2])
+            (ref_loss * scale).backward()
+            for t, p in zip(total, ref.parameters()):
+                t += p.grad.to(t.dtype)
+        for m, t in zip(masters, total):
+            m.grad = (t / world).float() / scale
+        torch.nn.utils.clip_grad_norm_(masters, 0.5)
+        ref_opt.step()
+        with torch.no_grad():
+            for p, m in zip(ref.parameters(), masters):
+                p.copy_(m)
+    got = wrapper.consolidated_state_dict()
+    comm.close()
+    if rank != 0:
+        return {}
+    names = [n for n, _ in ref.named_parameters()]
+    worst = max((got[n] - m).abs().max().item() for n, m in zip(names, masters))
+    half_params_match = all(p.dtype == policy.param_dtype for p in model.parameters())
+    return {"worst": worst, "half_params": half_params_match,
+            "dtypes": sorted({str(v.dtype) for v in got.values()})}
+
+
+def loss_curve(rank: int, world: int, precision: str, steps: int = 100, parallel: str = "zero2") -> list[float]:
+    """Mean loss over ranks at every step of `steps` AdamW steps of the small model on
+    2-sequence micro-batches per rank (a learnable recurrence with 10% random tokens)."""
+    policy = PrecisionPolicy.from_name(precision)
+    comm = Communicator(None)
+    model = _model(23)
+    wrapper = _wrap(model, comm, parallel, policy)
+    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    scaler = DynamicLossScaler(growth_interval=50) if precision == "fp16" else None
+    curve = []
+    for step in range(steps):
+        x, y = _batch(step, 4 * world, noise=0.1)
+        mine = slice(4 * rank, 4 * rank + 4)
+        with policy.autocast(torch.device("cpu")):
+            _, loss = wrapper(x[mine], y[mine])
+        wrapper.backward(loss * (scaler.scale if scaler else 1.0))
+        wrapper.finish_gradient_sync()
+        unscale_clip_step(wrapper, scaler, max_norm=1.0)
+        wrapper.zero_grad()
+        mean = loss.detach().reshape(1).clone()
+        comm.all_reduce(mean, op="avg")
+        curve.append(mean.item())
+    comm.close()
+    assert all(math.isfinite(v) for v in curve)
+    return curve

@@ -24,18 +24,27 @@ hold the communication dtype (`reduce_dtype`, float32 by default): when it diffe
 from the parameters', `.grad` cannot be a view, so the hook adds each half gradient
 into its bucket slot and drops it. With float32 buckets the masters' `.grad` are
 bucket views; with half buckets they are float32 copies made after the reduction.
+
+Expert parallelism (MoE, parallel/expert_parallel.py): expert weights differ between
+ranks of an ep group, so they live in buckets of their own, reduced over `expert_comm`
+(the ranks holding the same experts, Topology.expert_dp) instead of all ranks. An
+expert's local gradient already sums the contributions of every rank of its ep group
+(the all-to-all's backward brings them), so its bucket is scaled by 1 / world size
+and summed over the replicas: the same average over all ranks' tokens that dense
+parameters get.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_write
 from .collectives import Communicator
 
 
@@ -45,6 +54,8 @@ class GradBucket:
 
     index: int
     buffer: torch.Tensor
+    comm: Communicator
+    prescale: float = 1.0            # expert buckets: 1 / world, then a sum over the replicas
     params: list[nn.Parameter] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     ready: set[int] = field(default_factory=set)
@@ -56,15 +67,16 @@ class GradBucket:
 
 
 def _plan_buckets(params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int,
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, apart: set[int] = frozenset()):
     """Groups of parameters (in the given order) whose sizes fit the caps; a parameter
     larger than a cap gets a bucket of its own. `dtype`: the buckets' element type
-    (default: each parameter's own)."""
+    (default: each parameter's own); parameters whose id is in `apart` never share a
+    bucket with the others (expert weights)."""
     groups: list[list[nn.Parameter]] = []
     open_by_kind: dict[tuple, int] = {}
     sizes: dict[int, int] = {}
     for p in params:
-        kind = (dtype or p.dtype, p.device)
+        kind = (dtype or p.dtype, p.device, id(p) in apart)
         nbytes = p.numel() * (dtype or p.dtype).itemsize
         gi = open_by_kind.get(kind)
         cap = first_bucket_bytes if gi == 0 else bucket_bytes
@@ -83,7 +95,9 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, comm: Communicator, *, bucket_mb: float = 25.0,
                  first_bucket_mb: float = 1.0, find_unused_parameters: bool = False,
-                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
+                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                 expert_params: list[nn.Parameter] = (), expert_comm: Communicator | None = None,
+                 ep_comm: Communicator | None = None):
         super().__init__()
         if bucket_mb <= 0:
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
@@ -91,6 +105,11 @@ class DataParallel(nn.Module):
             raise ValueError(f"parallel.first_bucket_mb must be > 0, got {first_bucket_mb}")
         self.module = module
         self.comm = comm
+        self.expert_comm, self.ep_comm = expert_comm, ep_comm
+        self._expert_ids = {id(p) for p in expert_params}
+        if self._expert_ids and (expert_comm is None or ep_comm is None):
+            raise ValueError("expert_params need expert_comm (ranks holding the same experts) and ep_comm "
+                             "(ranks holding the other experts)")
         self.find_unused_parameters = find_unused_parameters
         self._sync = True
         self._next_launch = 0
@@ -104,12 +123,16 @@ class DataParallel(nn.Module):
                     self.master_of[id(p)] = nn.Parameter(p.detach().float().clone())
                     p.data = p.data.to(param_dtype)
         groups = _plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20),
-                               reduce_dtype)
+                               reduce_dtype, self._expert_ids)
         self.buckets: list[GradBucket] = []
         self._slot: dict[int, tuple[int, int]] = {}
         for bi, group in enumerate(groups):
             total = sum(p.numel() for p in group)
-            bucket = GradBucket(bi, torch.zeros(total, dtype=reduce_dtype or group[0].dtype, device=group[0].device))
+            buffer = torch.zeros(total, dtype=reduce_dtype or group[0].dtype, device=group[0].device)
+            if id(group[0]) in self._expert_ids:
+                bucket = GradBucket(bi, buffer, expert_comm, prescale=1.0 / comm.world_size)
+            else:
+                bucket = GradBucket(bi, buffer, comm)
             off = 0
             for pi, p in enumerate(group):
                 bucket.params.append(p)
@@ -180,8 +203,12 @@ class DataParallel(nn.Module):
             bucket = self.buckets[self._next_launch]
             if not force and len(bucket.ready) < len(bucket.params):
                 return
-            if self.comm.world_size > 1:
-                bucket.handle = self.comm.all_reduce(bucket.buffer, op="avg", async_op=True)
+            if bucket.prescale != 1.0:  # expert bucket: see the module docstring
+                bucket.buffer.mul_(bucket.prescale)
+                if bucket.comm.world_size > 1:
+                    bucket.handle = bucket.comm.all_reduce(bucket.buffer, op="sum", async_op=True)
+            elif bucket.comm.world_size > 1:
+                bucket.handle = bucket.comm.all_reduce(bucket.buffer, op="avg", async_op=True)
             self._next_launch += 1
 
     def finish_gradient_sync(self) -> None:
@@ -238,9 +265,24 @@ class DataParallel(nn.Module):
         return [q.grad for q in self._optimized() if q.grad is not None]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global norm of the (already averaged, replicated) gradients; clipped in place."""
+        """Global norm of the (already averaged) gradients; clipped in place. Dense gradients
+        are replicated; each rank holds only its slice of the expert gradients, whose squares
+        are summed over the ep group."""
         self.master_grads()
-        return torch.nn.utils.clip_grad_norm_(self._optimized(), max_norm)
+        if not self._expert_ids:
+            return torch.nn.utils.clip_grad_norm_(self._optimized(), max_norm)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        opt = self._optimized()
+        dense = [q.grad for p, q in zip(params, opt) if id(p) not in self._expert_ids and q.grad is not None]
+        expert = [q.grad for p, q in zip(params, opt) if id(p) in self._expert_ids and q.grad is not None]
+        sq = lambda gs: sum((g.double().pow(2).sum() for g in gs), torch.zeros((), dtype=torch.float64))  # noqa: E731
+        expert_sq = sq(expert).reshape(1).to(opt[0].device)
+        self.ep_comm.all_reduce(expert_sq, op="sum")
+        norm = (sq(dense).to(expert_sq.device) + expert_sq[0]).sqrt().float()
+        if math.isfinite(max_norm):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(dense + expert, coef)
+        return norm
 
     def nonfinite_grad_names(self, limit: int = 8) -> list[str]:
         """Names of the first parameters whose (reduced) gradient holds an inf or nan."""
@@ -263,30 +305,39 @@ class DataParallel(nn.Module):
 
     @torch.no_grad()
     def consolidated_state_dict(self) -> dict | None:
-        """Collective (trivially here): the model's state_dict with float32 master values in
-        place of half parameters; a copy on rank 0, None elsewhere."""
+        """Collective: the model's state_dict with float32 master values in place of half
+        parameters, expert weights gathered from the ep group (experts in order); a copy on
+        rank 0, None elsewhere."""
+        full: dict[int, torch.Tensor] = {}
+        for p in self.module.parameters():  # the same order on every rank
+            if id(p) in self._expert_ids:
+                local = self.master_of.get(id(p), p).detach().contiguous()
+                out = local.new_empty((local.shape[0] * self.ep_comm.world_size, *local.shape[1:]))
+                self.ep_comm.all_gather(out.view(-1), local.view(-1))
+                full[id(p)] = out
         if self.comm.rank != 0:
             return None
-        return {k: self.master_of.get(id(v), v).detach().clone()
+        return {k: full[id(v)] if id(v) in full else self.master_of.get(id(v), v).detach().clone()
                 for k, v in self.module.state_dict(keep_vars=True).items()}
 
     def after_step(self) -> None:
         """Nothing to do: every rank applied the same update to its full copy."""
 
+    def _optimizer_file(self) -> str:
+        """optimizer.pt (replicated state), or optimizer_ep<r>.pt per set of experts."""
+        return f"optimizer_ep{self.ep_comm.rank}.pt" if self._expert_ids else "optimizer.pt"
+
     def save_optimizer(self, ckpt_dir) -> None:
-        """Rank 0 writes <ckpt_dir>/optimizer.pt (the state is replicated)."""
-        if self.comm.rank == 0:
-            tmp = Path(ckpt_dir) / "optimizer.pt.part"
-            with open(tmp, "wb") as fh:
-                torch.save(self.optimizer.state_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, Path(ckpt_dir) / "optimizer.pt")
+        """Rank 0 writes <ckpt_dir>/optimizer.pt (the state is replicated); with experts, the
+        first replica of each ep rank writes optimizer_ep<r>.pt (its experts' state differs)."""
+        writer = self.expert_comm.rank == 0 if self._expert_ids else self.comm.rank == 0
+        if writer:
+            atomic_write(Path(ckpt_dir) / self._optimizer_file(), lambda fh: torch.save(self.optimizer.state_dict(), fh))
 
     def load_optimizer(self, ckpt_dir) -> None:
-        path = Path(ckpt_dir) / "optimizer.pt"
+        path = Path(ckpt_dir) / self._optimizer_file()
         if not path.is_file():
-            raise ValueError(f"trainer.resume: {path} is missing")
+            raise ValueError(f"trainer.resume: {path} is missing (saved with another parallel.ep_size?)")
         device = next(self.module.parameters()).device
         self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
@@ -313,11 +364,14 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 @torch.no_grad()
-def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0) -> None:
-    """Makes every rank's parameters and buffers equal to rank `src`'s, one message per dtype."""
+def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0, *,
+                           only: list[torch.Tensor] | None = None, skip: set[int] = frozenset()) -> None:
+    """Makes every rank's parameters and buffers (or just `only`; never those whose id is in
+    `skip`) equal to rank `src`'s, one message per dtype."""
     if comm.world_size == 1:
         return
-    tensors = list(module.parameters()) + list(module.buffers())
+    tensors = list(only) if only is not None else list(module.parameters()) + list(module.buffers())
+    tensors = [t for t in tensors if id(t) not in skip]
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
@@ -333,12 +387,19 @@ def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0) 
 def apply_ddp(model: nn.Module, group=None, *, algorithm: str = "ring", bucket_mb: float = 25.0,
               first_bucket_mb: float = 1.0, find_unused_parameters: bool = False,
               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-              comm: Communicator | None = None) -> DataParallel:
+              expert_params: list[nn.Parameter] = (), expert_comm: Communicator | None = None,
+              ep_comm: Communicator | None = None, comm: Communicator | None = None) -> DataParallel:
     """Replicates `model` over `group`: rank 0's weights are broadcast, then gradients
     are averaged in overlapped buckets with the collective `algorithm`. `param_dtype`
-    half: parameters cast to it, float32 masters kept; `reduce_dtype`: the buckets'."""
+    half: parameters cast to it, float32 masters kept; `reduce_dtype`: the buckets'.
+    `expert_params` (after apply_expert_parallel): replicated and reduced over
+    `expert_comm` only; `ep_comm` gathers them for consolidated checkpoints."""
     comm = comm or Communicator(group, algorithm=algorithm)
-    broadcast_module_state(model, comm)
+    experts = {id(p) for p in expert_params}
+    broadcast_module_state(model, comm, skip=experts)
+    if experts:
+        broadcast_module_state(model, expert_comm, only=list(expert_params))
     return DataParallel(model, comm, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
                         find_unused_parameters=find_unused_parameters, param_dtype=param_dtype,
-                        reduce_dtype=reduce_dtype)
+                        reduce_dtype=reduce_dtype, expert_params=expert_params, expert_comm=expert_comm,
+                        ep_comm=ep_comm)

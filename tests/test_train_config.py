@@ -86,10 +86,26 @@ def test_misspelt_key_is_refused(override, key):
     ("model.n_heads=3", "model."),
     ("data.val_fraction=2.0", "data.val_fraction"),
     ("logger._target_=os.system", "logger._target_"),
+    ("precision.backoff_factor=2", "precision.backoff_factor"),
+    ("precision.hysteresis=0", "precision.hysteresis"),
+    ("precision.grad_reduce=fp8", "precision.grad_reduce"),
+    ("model.moe.top_k=3", "model.moe.top_k"),
 ])
 def test_bad_value_names_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         load_config(_compose([override]))
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["model.moe.num_experts=6", "parallel.ep_size=4"], ["model.moe.num_experts", "parallel.ep_size"]),
+    (["model.moe.num_experts=2", "model.moe.top_k=3"], ["model.moe.top_k"]),
+    (["model.moe.num_experts=8", "parallel.ep_size=2", "parallel=zero2"], ["parallel.ep_size", "parallel=zero2"]),
+    (["model.moe.num_experts=8", "parallel.ep_size=2", "engine=deepspeed"], ["parallel.ep_size", "engine=deepspeed"]),
+])
+def test_impossible_moe_layouts_name_the_keys(overrides, keys):
+    with pytest.raises(ValueError) as e:
+        load_config(_compose(overrides))
+    assert all(k in str(e.value) for k in keys), str(e.value)
 
 
 def test_wrong_type_is_refused_at_composition():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write, fsync_dir
+from parallel.atomic import atomic_write, fsync_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
@@ -109,7 +109,7 @@ def save(ckpt_root: Path, step: int, *, model_state: dict | None, save_optimizer
 
 
 def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, device: torch.device,
-         parallel: str | None = None) -> tuple[int, dict, bool]:
+         parallel: str | None = None, ep_size: int = 1) -> tuple[int, dict, bool]:
     """Loads the model and this rank's state from a complete checkpoint; returns (step,
     rank state, resharded). With another world size every rank takes rank 0's state
     (sampler positions differ only by rank; the caller converts them). Raises ValueError
@@ -125,6 +125,9 @@ def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, devi
     if parallel is not None and meta.get("parallel", parallel) != parallel:
         raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel={meta['parallel']}, this run "
                          f"uses parallel={parallel}; their optimizer states are laid out differently")
+    if meta.get("ep_size", 1) != ep_size:
+        raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel.ep_size={meta.get('ep_size', 1)}, "
+                         f"this run uses parallel.ep_size={ep_size}; each expert slice has its own optimizer file")
     try:
         model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     except RuntimeError as e:  # missing / unexpected keys or shapes: another model

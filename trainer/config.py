@@ -220,6 +220,13 @@ class TrainConfig:
     or accelerate (Accelerate's DDP, or FSDP for zero2 / zero3), for comparison."""
 
     def validate(self) -> None:
+        from parallel.expert_parallel import check_expert_parallel
+
+        check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)  # names both keys
+        if self.parallel.ep_size > 1 and (self.engine != "native" or self.parallel.name != "ddp"):
+            raise ValueError(f"parallel.ep_size={self.parallel.ep_size} (expert parallelism) runs with engine=native "
+                             f"and parallel=ddp; got engine={self.engine}, parallel={self.parallel.name} "
+                             "(with parallel.ep_size=1 every parallelism and engine takes MoE models)")
         if self.engine == "accelerate" and self.parallel.name == "zero1":
             raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
                              "through FSDP: use parallel=ddp, zero2 or zero3)")

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from models.config import AttentionConfig, ModelConfig
 from models.transformer import DecoderLM
 
-from .atomic import atomic_write
+from parallel.atomic import atomic_write
 from .structured import build
 
 

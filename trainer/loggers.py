@@ -9,7 +9,8 @@ import math
 import os
 from pathlib import Path
 
-from .atomic import atomic_write
+from parallel.atomic import atomic_write
+
 from .config import LoggerConfig
 
 log = logging.getLogger("ringtrain.train")

@@ -40,6 +40,7 @@ class RunState:
     logger: object                # rank 0 only, else None
     policy: PrecisionPolicy = PrecisionPolicy.from_name("fp32")
     scaler: DynamicLossScaler | None = None  # fp16 with the native engine
+    ep_comm: object = None                     # expert parallelism's all-to-all Communicator
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -114,6 +115,26 @@ def _scaler_metrics(s: RunState) -> dict:
     return {"loss_scale": engine_scale()} if callable(engine_scale) and s.cfg.precision.name == "fp16" else {}
 
 
+def _a2a_counters(s: RunState) -> tuple[float, float]:
+    st = s.ep_comm.stats if s.ep_comm is not None else None
+    return (st.bytes_sent, st.wait_s) if st is not None else (0.0, 0.0)
+
+
+def _moe_metrics(s: RunState, window_steps: int, a2a0: tuple[float, float]) -> dict:
+    """MoE routing of the last micro-batch (mean over ranks) and the all-to-all traffic per step."""
+    stats = s.ddp.module.moe_stats()
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    values = torch.stack([stats[k].float().to(s.device) for k in keys])
+    s.ddp.comm.all_reduce(values, op="avg")
+    out = {f"moe_{k}": v for k, v in zip(keys, values.tolist())}
+    a2a = _a2a_counters(s)
+    out["a2a_bytes_per_step"] = (a2a[0] - a2a0[0]) / window_steps
+    out["a2a_wait_s_per_step"] = (a2a[1] - a2a0[1]) / window_steps
+    return out
+
+
 def run(s: RunState, start_step: int) -> dict:
     """Steps from start_step to trainer.max_steps; returns the last logged record."""
     t = s.cfg.trainer
@@ -128,6 +149,7 @@ def run(s: RunState, start_step: int) -> dict:
     window_loss = torch.zeros((), device=s.device)
     window_steps, window_t0 = 0, time.perf_counter()
     bytes0, wait0 = stats.bytes_sent, stats.wait_s
+    a2a0 = _a2a_counters(s)
     with logging_redirect_tqdm():
         for step in range(start_step, end):
             loss, grad_norm = train_step(s, step)
@@ -155,6 +177,7 @@ def run(s: RunState, start_step: int) -> dict:
                     **{f"mem_{k}_bytes": v for k, v in s.ddp.model_state_bytes().items()},
                     "peak_mem_mb": peak_memory_mb(s.device),
                     **_scaler_metrics(s),
+                    **_moe_metrics(s, window_steps, a2a0),
                 }
                 if is_eval:
                     record["val_loss"] = evaluate(s)
@@ -167,6 +190,7 @@ def run(s: RunState, start_step: int) -> dict:
                 window_loss.zero_()
                 window_steps, window_t0 = 0, time.perf_counter()
                 bytes0, wait0 = stats.bytes_sent, stats.wait_s
+                a2a0 = _a2a_counters(s)
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == end:
                 t_save = time.perf_counter()
                 # float32 (master) weights, gathered from the shards under ZeRO; rank 0's copy
@@ -176,7 +200,7 @@ def run(s: RunState, start_step: int) -> dict:
                 checkpoint.save(ckpt_root, done, model_state=model_state, save_optimizer=s.ddp.save_optimizer,
                                 rank_state=rank_state, rank=s.rank,
                                 world_size=s.world_size, group=s.ddp.comm.group,
-                                keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name})
+                                keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name, "ep_size": s.cfg.parallel.ep_size})
                 window_t0 += time.perf_counter() - t_save  # saving is not training time
             bar.update(1)
     bar.close()

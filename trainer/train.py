@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.transformer import DecoderLM
 from parallel.collectives import Communicator, Tuning
 from parallel.data_parallel import apply_ddp, broadcast_module_state
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.precision import PrecisionPolicy, build_loss_scaler
 from parallel.process_group import init_distributed, shutdown
 from parallel.topology import Topology
@@ -72,6 +73,7 @@ def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> d
                          "needs a GPU (Accelerate refuses FSDP on CPU); use parallel=ddp here")
     if tc.trainer.resume not in ("none", "auto"):
         _resume_path(tc.trainer.resume, run_dir)  # a bad path fails before any process group
+    Topology.validate(int(os.environ.get("WORLD_SIZE", "1")), tc.parallel.ep_size)  # torchrun sets it
     ctx = init_distributed(backend)
     try:
         return _train(tc, resolved, run_dir, ctx)
@@ -104,12 +106,21 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     if resume is not None:
         start_step, rank_state, resharded = checkpoint.load(resume, model=model, rank=ctx.rank,
                                                             world_size=ctx.world_size, device=device,
-                                                            parallel=tc.parallel.name)
+                                                            parallel=tc.parallel.name, ep_size=tc.parallel.ep_size)
 
-    # parallelisms, in the order they must compose: expert parallel (when MoE lands)
-    # re-homes expert weights first, then data parallelism replicates the rest
-    comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm,
-                        tuning=Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window))
+    # parallelisms, in the order they must compose: expert parallelism first keeps this
+    # rank's slice of every MoE layer's experts (all ranks built the same full set);
+    # then data parallelism replicates the dense weights over all ranks and each slice
+    # of experts over the ranks that hold it (Topology.expert_dp)
+    tuning = Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window)
+    comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm, tuning=tuning)
+    ep_comm = expert_comm = None
+    experts: list = []
+    if tc.parallel.ep_size > 1:
+        ep_comm = apply_expert_parallel(model, topo.ep, comm=Communicator(topo.ep, algorithm=tc.parallel.algorithm,
+                                                                          tuning=tuning))
+        expert_comm = Communicator(topo.expert_dp, algorithm=tc.parallel.algorithm, tuning=tuning)
+        experts = model.expert_parameters()
     groups = model.param_groups(tc.optim.weight_decay)
     # half parameters in compute, float32 masters inside the wrapper; gradients travel in reduce_dtype
     policy = PrecisionPolicy.from_name(tc.precision.name, grad_reduce=tc.precision.grad_reduce)
@@ -120,7 +131,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
         ddp = engine_cls(model, tc, adamw_factory(tc.optim), groups, comm)
     elif tc.parallel.name == "ddp":
         ddp = apply_ddp(model, topo.dp, bucket_mb=tc.parallel.bucket_mb, first_bucket_mb=tc.parallel.first_bucket_mb,
-                        find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm, **mp)
+                        find_unused_parameters=tc.parallel.find_unused_parameters, comm=comm,
+                        expert_params=experts, expert_comm=expert_comm, ep_comm=ep_comm, **mp)
     else:
         ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
                          bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm, **mp)
@@ -147,11 +159,13 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
                  f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
                  + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
     state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,
-                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger, policy, scaler)
+                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger, policy, scaler, ep_comm)
     try:
         record = run(state, start_step)
     finally:
-        comm.close()
+        for c in (comm, ep_comm, expert_comm):
+            if c is not None:
+                c.close()
         if ctx.rank == 0:
             metrics_file.close()
             logger.close()

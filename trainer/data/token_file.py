@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..atomic import atomic_write, fsync_dir
+from parallel.atomic import atomic_write, fsync_dir
 
 # Bump when the layout or the meaning of the tokens changes: old caches are then ignored.
 FORMAT_VERSION = 1

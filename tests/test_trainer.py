@@ -273,6 +273,9 @@ def test_accelerate_engine_follows_native(tmp_path, cache, zero_runs, ddp_trajec
 def test_engine_and_stage_that_do_not_exist_are_refused(tmp_path):
     r = _run(["engine=accelerate", "parallel=zero1", f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
     assert r.returncode != 0 and "engine=accelerate with parallel=zero1" in r.stdout + r.stderr
+    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16
+        r = _run(["engine=deepspeed", "precision=fp16", f"hydra.run.dir={tmp_path / 'fp16'}"], timeout=120)
+        assert r.returncode != 0 and "engine=deepspeed with precision=fp16 needs a GPU" in r.stdout + r.stderr
 
 
 def test_checkpoint_of_another_model_or_missing_shard_is_refused(tmp_path, cache, zero_runs):

@@ -71,6 +71,9 @@ def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> d
     if tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda:
         raise ValueError(f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which "
                          "needs a GPU (Accelerate refuses FSDP on CPU); use parallel=ddp here")
+    if tc.engine == "deepspeed" and tc.precision.name == "fp16" and not want_cuda:
+        raise ValueError("engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
+                         "fp16); use precision=bf16, or engine=native for fp16 with loss scaling on CPU")
     if tc.trainer.resume not in ("none", "auto"):
         _resume_path(tc.trainer.resume, run_dir)  # a bad path fails before any process group
     Topology.validate(int(os.environ.get("WORLD_SIZE", "1")), tc.parallel.ep_size)  # torchrun sets it

@@ -30,6 +30,14 @@ tensor, the only place the optimizer writes. After a step the master shard is ca
 into this rank's part of `full` (stage 3: into a persistent half shard, the gather
 source) and all-gathered. Gradients travel in `reduce_dtype` (float32 by default):
 staging buffers and gradient shards have that dtype and the hooks cast into them.
+
+Expert parallelism (MoE): after `apply_expert_parallel` each rank holds one slice of
+the experts, replicated only over `expert_comm` (Topology.expert_dp). Expert
+parameters get units of their own, sharded over `expert_comm` instead of all ranks;
+their gradients are scaled by 1 / world and summed over the replicas (an expert's
+local gradient already sums its ep group's tokens; see parallel/data_parallel.py).
+The clipping norm needs nothing special: summing every rank's shard squares over the
+world counts each dense element and each expert element exactly once.
 """
 
 from __future__ import annotations
@@ -71,6 +79,22 @@ class Unit:
     handle_order: int = 0
     block: int = -1                  # stage 3: index of the block it belongs to; -1 = the root unit
     gather_target: torch.Tensor | None = None  # stage 3: `full`'s storage, its own version counter
+    comm: Communicator | None = None # the ranks it is sharded over (all, or an expert slice's replicas)
+    expert: bool = False
+
+    @property
+    def p(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def S(self) -> int:
+        """Shard length."""
+        return self.padded // self.comm.world_size
+
+    @property
+    def mine(self) -> slice:
+        """This rank's shard within the padded unit."""
+        return slice(self.comm.rank * self.S, (self.comm.rank + 1) * self.S)
 
 
 class ZeroModel(nn.Module):
@@ -81,7 +105,9 @@ class ZeroModel(nn.Module):
 
     def __init__(self, module: nn.Module, comm: Communicator, *, stage: int, param_groups: list[dict],
                  bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None,
-                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None):
+                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                 expert_params: list[nn.Parameter] = (), expert_comm: Communicator | None = None,
+                 ep_comm: Communicator | None = None):
         super().__init__()
         if stage not in (1, 2, 3):
             raise ValueError(f"parallel.name=zero{stage}: ZeRO stages are 1, 2 and 3")
@@ -89,6 +115,10 @@ class ZeroModel(nn.Module):
             raise ValueError(f"parallel.bucket_mb must be > 0, got {bucket_mb}")
         self.module, self.comm, self.stage = module, comm, stage
         self.p, self.rank = comm.world_size, comm.rank
+        self.expert_comm, self.ep_comm = expert_comm, ep_comm
+        self._expert_ids = {id(q) for q in expert_params}
+        if self._expert_ids and (expert_comm is None or ep_comm is None):
+            raise ValueError("expert_params need expert_comm (ranks holding the same experts) and ep_comm")
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self._names = {id(p): n for n, p in module.named_parameters()}
         self.group_options = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
@@ -105,13 +135,13 @@ class ZeroModel(nn.Module):
             in_block = {id(p) for b in blocks for p in b.parameters()}
             owned = [([p for p in trainable if id(p) not in in_block], -1)] + [
                 ([p for p in b.parameters() if p.requires_grad], bi) for bi, b in enumerate(blocks)]
-            plan = [([q for q in ps if group_of[id(q)] == gi], bi) for ps, bi in owned
-                    for gi in range(len(param_groups))]
+            plan = [([q for q in ps if group_of[id(q)] == gi and (id(q) in self._expert_ids) == ex], bi)
+                    for ps, bi in owned for gi in range(len(param_groups)) for ex in (False, True)]
         else:
             for gi in range(len(param_groups)):
                 mine = [q for q in reversed(trainable) if group_of[id(q)] == gi]
                 cap = int(bucket_mb * 2**20)
-                plan += [(ps, -1) for ps in _plan_buckets(mine, cap, cap)]
+                plan += [(ps, -1) for ps in _plan_buckets(mine, cap, cap, apart=self._expert_ids)]
         for ps, bi in plan:
             if ps:
                 self._add_unit(ps, group_of[id(ps[0])], bi)
@@ -129,17 +159,19 @@ class ZeroModel(nn.Module):
             for kind in dtypes:
                 self._add_unit([q for q in params if (q.dtype, q.device) == kind], group, block)
             return
+        expert = id(params[0]) in self._expert_ids
+        comm = self.expert_comm if expert else self.comm
         numel = sum(q.numel() for q in params)
-        padded = -(-numel // self.p) * self.p
+        padded = -(-numel // comm.world_size) * comm.world_size
         exact = params[0].new_zeros(padded)              # the parameters in their own (float32) dtype
         offsets, off = [], 0
         for q in params:
             offsets.append(off)
             exact[off: off + q.numel()].copy_(q.reshape(-1))
             off += q.numel()
-        S = padded // self.p
+        S = padded // comm.world_size
         ui = len(self.units)
-        mine = slice(self.rank * S, (self.rank + 1) * S)
+        mine = slice(comm.rank * S, (comm.rank + 1) * S)
         mixed = self.param_dtype is not None and self.param_dtype != exact.dtype
         full = exact.to(self.param_dtype) if mixed else exact
         half_shard = None
@@ -152,7 +184,7 @@ class ZeroModel(nn.Module):
             shard = nn.Parameter(exact[mine])            # updating it updates my part of `full`
         grad_dtype = self.reduce_dtype or full.dtype
         unit = Unit(ui, group, list(params), offsets, numel, padded, full, shard, half_shard, grad_dtype,
-                    block=block)
+                    block=block, comm=comm, expert=expert)
         for pi, q in enumerate(params):
             q.data = full[offsets[pi]: offsets[pi] + q.numel()].view_as(q)
             self._unit_of[id(q)] = (ui, pi)
@@ -248,12 +280,16 @@ class ZeroModel(nn.Module):
                 self._complete(u)
 
     def _launch(self, unit: Unit) -> None:
+        grads = unit.grad_full if self.stage == 1 else unit.staging[: unit.padded]
+        op = "avg"
+        if unit.expert:  # see the module docstring
+            grads.mul_(1.0 / self.p)
+            op = "sum"
         if self.stage == 1:
-            unit.handle = self.comm.all_reduce(unit.grad_full, op="avg", async_op=True)
+            unit.handle = unit.comm.all_reduce(grads, op=op, async_op=True)
         else:
-            unit.incoming = unit.grad_shard.new_empty(unit.padded // self.p)
-            unit.handle = self.comm.reduce_scatter(unit.incoming, unit.staging[: unit.padded], op="avg",
-                                                   async_op=True)
+            unit.incoming = unit.grad_shard.new_empty(unit.S)
+            unit.handle = unit.comm.reduce_scatter(unit.incoming, grads, op=op, async_op=True)
             unit.ready.clear()  # the next micro-step's gradients start a new round
         self._next_launch += 1
         unit.handle_order = self._next_launch
@@ -300,21 +336,19 @@ class ZeroModel(nn.Module):
     def _attach_shard_grad(self, unit: Unit) -> None:
         """The master shard's .grad: a view of this rank's part of the reduced gradients
         when their dtype is the master's; otherwise None until master_grads()."""
-        S = unit.padded // self.p
         if unit.grad_dtype != unit.shard.dtype:
             unit.shard.grad = None
         elif self.stage == 1:
-            unit.shard.grad = unit.grad_full[self.rank * S: (self.rank + 1) * S]
+            unit.shard.grad = unit.grad_full[unit.mine]
         else:
             unit.shard.grad = unit.grad_shard
 
     def master_grads(self) -> list[torch.Tensor]:
         """The float32 gradient shards the optimizer reads (after finish_gradient_sync);
         made here as copies when gradients were reduced in half precision."""
-        S = lambda u: u.padded // self.p  # noqa: E731
         for u in self.units:
             if u.shard.grad is None:
-                g = u.grad_full[self.rank * S(u): (self.rank + 1) * S(u)] if self.stage == 1 else u.grad_shard
+                g = u.grad_full[u.mine] if self.stage == 1 else u.grad_shard
                 u.shard.grad = g.to(u.shard.dtype)
         return [u.shard.grad for u in self.units]
 
@@ -322,10 +356,9 @@ class ZeroModel(nn.Module):
         """Names of the first parameters with a non-finite element in this rank's gradient shards."""
         out: list[str] = []
         for u, g in zip(self.units, self.master_grads()):
-            S = u.padded // self.p
             bad = (~torch.isfinite(g)).nonzero().flatten()
             for i in bad.tolist():
-                pos = self.rank * S + i
+                pos = u.mine.start + i
                 if pos >= u.numel:
                     continue
                 pi = max(j for j, off in enumerate(u.offsets) if off <= pos)
@@ -355,15 +388,14 @@ class ZeroModel(nn.Module):
         """Brings the updated shards back into full parameters (stages 1 and 2); stage 3
         only refreshes its half gather source from the masters."""
         for u in self.units:
-            S = u.padded // self.p
             if self.stage == 3:
                 if u.half_shard is not None:
                     u.half_shard.copy_(u.shard)
                 continue
-            mine = u.full[self.rank * S: (self.rank + 1) * S]
+            mine = u.full[u.mine]
             if mine.data_ptr() != u.shard.data_ptr():
                 mine.copy_(u.shard)  # float32 master -> half parameters
-            self.comm.all_gather(u.full, mine.clone())
+            u.comm.all_gather(u.full, mine.clone())
 
     def zero_grad(self) -> None:
         for u in self.units:
@@ -410,7 +442,7 @@ class ZeroModel(nn.Module):
         # into gather_target: the parameters' views (saved by autograd for backward) must not
         # see a version bump when their storage is refilled with the same values
         source = unit.half_shard if unit.half_shard is not None else unit.shard.detach()
-        unit.gather_handle = self.comm.all_gather(unit.gather_target, source, async_op=True)
+        unit.gather_handle = unit.comm.all_gather(unit.gather_target, source, async_op=True)
 
     def _wait_gather(self, unit: Unit) -> None:
         self._start_gather(unit)
@@ -462,10 +494,15 @@ class ZeroModel(nn.Module):
         values: dict[int, torch.Tensor] = {}
         for u in self.units:
             flat = u.shard.new_empty(u.padded)
-            self.comm.all_gather(flat, u.shard.detach())
-            if self.rank == 0:
-                for q, off in zip(u.params, u.offsets):
-                    values[id(q)] = flat[off: off + q.numel()].view(q.shape).clone()
+            u.comm.all_gather(flat, u.shard.detach())
+            for q, off in zip(u.params, u.offsets):
+                local = flat[off: off + q.numel()].view(q.shape)
+                if u.expert:  # this rank's slice of the experts: the ep group holds the rest, in order
+                    full = local.new_empty((local.shape[0] * self.ep_comm.world_size, *local.shape[1:]))
+                    self.ep_comm.all_gather(full.view(-1), local.contiguous().view(-1))
+                    local = full
+                if self.rank == 0:
+                    values[id(q)] = local.clone()
         if self.rank != 0:
             return None
         return {k: values[id(v)] if id(v) in values else v.detach().clone()
@@ -483,17 +520,20 @@ class ZeroModel(nn.Module):
         from torch.distributed.tensor import DTensor, Shard
 
         device_type = self.units[0].full.device.type if self.units else "cpu"
-        mesh = DeviceMesh.from_group(self.comm.group, device_type)
+        meshes = {id(self.comm): DeviceMesh.from_group(self.comm.group, device_type)}
+        if self._expert_ids:
+            meshes[id(self.expert_comm)] = DeviceMesh.from_group(self.expert_comm.group, device_type)
         out = {}
         for u in self.units:
-            S = u.padded // self.p
-            real = max(0, min(S, u.numel - self.rank * S))
+            real = max(0, min(u.S, u.numel - u.mine.start))
+            # an expert unit's state differs per expert slice: its keys name the ep rank
+            name = f"unit{u.index}" + (f".ep{self.ep_comm.rank}" if u.expert else "")
             for key, t in self.optimizer.state[u.shard].items():
-                if torch.is_tensor(t) and t.dim() == 1 and t.numel() == S:
-                    out[f"unit{u.index}.{key}"] = DTensor.from_local(t[:real], mesh, [Shard(0)], run_check=False,
-                                                                     shape=(u.numel,), stride=(1,))
+                if torch.is_tensor(t) and t.dim() == 1 and t.numel() == u.S:
+                    out[f"{name}.{key}"] = DTensor.from_local(t[:real], meshes[id(u.comm)], [Shard(0)],
+                                                              run_check=False, shape=(u.numel,), stride=(1,))
                 elif torch.is_tensor(t):
-                    out[f"unit{u.index}.{key}"] = t  # scalars (Adam's step): the same on every rank
+                    out[f"{name}.{key}"] = t  # scalars (Adam's step): the same on every rank
         return out
 
     def save_optimizer(self, ckpt_dir) -> None:
@@ -528,7 +568,7 @@ class ZeroModel(nn.Module):
     # -- accounting --------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
         """Persistent per-rank bytes of parameters, gradients and optimizer states."""
-        S = lambda u: u.padded // self.p  # noqa: E731
+        S = lambda u: u.S  # noqa: E731
         if self.stage == 3:
             params = sum(S(u) * u.full.element_size() for u in self.units)
         else:
@@ -546,11 +586,18 @@ class ZeroModel(nn.Module):
 def apply_zero(model: nn.Module, group=None, *, stage: int, param_groups: list[dict], algorithm: str = "ring",
                bucket_mb: float = 25.0, blocks: list[nn.Module] | None = None,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-               comm: Communicator | None = None) -> ZeroModel:
+               expert_params: list[nn.Parameter] = (), expert_comm: Communicator | None = None,
+               ep_comm: Communicator | None = None, comm: Communicator | None = None) -> ZeroModel:
     """Shards `model`'s training state over `group` (ZeRO `stage`), after making every
     rank's weights rank 0's. `blocks`: the stage-3 gather units (e.g. the transformer blocks).
-    `param_dtype` half: half parameters, float32 master shards; `reduce_dtype`: gradients'."""
+    `param_dtype` half: half parameters, float32 master shards; `reduce_dtype`: gradients'.
+    `expert_params` (after apply_expert_parallel): sharded over `expert_comm` only; `ep_comm`
+    gathers them for consolidated checkpoints."""
     comm = comm or Communicator(group, algorithm=algorithm)
-    broadcast_module_state(model, comm)
+    experts = {id(q) for q in expert_params}
+    broadcast_module_state(model, comm, skip=experts)
+    if experts:
+        broadcast_module_state(model, expert_comm, only=list(expert_params))
     return ZeroModel(model, comm, stage=stage, param_groups=param_groups, bucket_mb=bucket_mb, blocks=blocks,
-                     param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+                     param_dtype=param_dtype, reduce_dtype=reduce_dtype, expert_params=expert_params,
+                     expert_comm=expert_comm, ep_comm=ep_comm)

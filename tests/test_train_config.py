@@ -99,7 +99,6 @@ def test_bad_value_names_the_key(override, message):
 @pytest.mark.parametrize("overrides, keys", [
     (["model.moe.num_experts=6", "parallel.ep_size=4"], ["model.moe.num_experts", "parallel.ep_size"]),
     (["model.moe.num_experts=2", "model.moe.top_k=3"], ["model.moe.top_k"]),
-    (["model.moe.num_experts=8", "parallel.ep_size=2", "parallel=zero2"], ["parallel.ep_size", "parallel=zero2"]),
     (["model.moe.num_experts=8", "parallel.ep_size=2", "engine=deepspeed"], ["parallel.ep_size", "engine=deepspeed"]),
 ])
 def test_impossible_moe_layouts_name_the_keys(overrides, keys):

@@ -223,10 +223,9 @@ class TrainConfig:
         from parallel.expert_parallel import check_expert_parallel
 
         check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)  # names both keys
-        if self.parallel.ep_size > 1 and (self.engine != "native" or self.parallel.name != "ddp"):
-            raise ValueError(f"parallel.ep_size={self.parallel.ep_size} (expert parallelism) runs with engine=native "
-                             f"and parallel=ddp; got engine={self.engine}, parallel={self.parallel.name} "
-                             "(with parallel.ep_size=1 every parallelism and engine takes MoE models)")
+        if self.parallel.ep_size > 1 and self.engine != "native":
+            raise ValueError(f"parallel.ep_size={self.parallel.ep_size} (expert parallelism) runs with engine=native; "
+                             f"got engine={self.engine} (with parallel.ep_size=1 every engine takes MoE models)")
         if self.engine == "accelerate" and self.parallel.name == "zero1":
             raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
                              "through FSDP: use parallel=ddp, zero2 or zero3)")

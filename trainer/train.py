@@ -138,7 +138,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
                         expert_params=experts, expert_comm=expert_comm, ep_comm=ep_comm, **mp)
     else:
         ddp = apply_zero(model, topo.dp, stage=int(tc.parallel.name[-1]), param_groups=groups,
-                         bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm, **mp)
+                         bucket_mb=tc.parallel.bucket_mb, blocks=list(model.blocks), comm=comm,
+                         expert_params=experts, expert_comm=expert_comm, ep_comm=ep_comm, **mp)
     optimizer = ddp.optimizer if tc.engine != "native" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
     scaler = build_loss_scaler(policy, tc.precision) if tc.engine == "native" else None
     if resume is not None:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -78,29 +79,46 @@ def build_loss_scaler(policy: PrecisionPolicy, cfg) -> DynamicLossScaler | None:
                              on_min_scale=cfg.on_min_scale)
 
 
+class StepOutcome(NamedTuple):
+    """What `unscale_clip_step` did; the same on every rank."""
+
+    norm: torch.Tensor               # global gradient norm (after unscaling, before clipping)
+    stepped: bool                    # the optimizer step was applied
+    nonfinite: bool                  # some rank's loss or some gradient was inf / nan
+    nonfinite_ranks: list[int]       # ranks whose own loss was not finite
+
+
 @torch.no_grad()
 def unscale_clip_step(wrapper, scaler: DynamicLossScaler | None, *, max_norm: float,
-                      report_overflow: bool = False) -> tuple[torch.Tensor, bool]:
+                      loss: torch.Tensor | None = None, report_overflow: bool = False) -> StepOutcome:
     """After finish_gradient_sync: divide the gradients by the loss scale, measure the
-    global norm, and apply the optimizer step unless some gradient on some rank is
-    non-finite. `wrapper` is a DataParallel or ZeroModel. Returns (norm, stepped)."""
-    if scaler is None:
-        norm = wrapper.clip_grad_norm_(max_norm)
-        wrapper.optimizer_step()
-        return norm, True
-    grads = wrapper.master_grads()
-    if grads:
-        torch._foreach_mul_(grads, 1.0 / scaler.scale)
+    global norm, and apply the optimizer step unless this rank's `loss` or some gradient
+    on some rank is non-finite (one small max all-reduce, so every rank decides alike).
+    With a scaler that is an fp16 overflow and the scaler backs off; without one the
+    step is simply not applied and the caller decides (skip or stop).
+    `wrapper` is a DataParallel or ZeroModel."""
+    if scaler is not None:
+        grads = wrapper.master_grads()
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / scaler.scale)
     norm = wrapper.clip_grad_norm_(max_norm)  # global over ranks and shards: inf/nan if any is
-    flag = torch.tensor([0.0 if math.isfinite(float(norm)) else 1.0], device=norm.device)
-    wrapper.comm.all_reduce(flag, op="max")  # every rank takes the same decision
-    found_inf = bool(flag.item())
-    if found_inf and report_overflow:
+    world = wrapper.comm.world_size
+    flags = torch.zeros(world + 1, device=norm.device)  # (loss not finite on rank r..., norm not finite)
+    flags[wrapper.comm.rank] = float(loss is not None and not bool(torch.isfinite(loss).all()))
+    flags[world] = float(not math.isfinite(float(norm)))
+    wrapper.comm.all_reduce(flags, op="max")
+    flags = flags.tolist()
+    nonfinite, ranks = any(flags), [r for r in range(world) if flags[r]]
+    if scaler is None:
+        if not nonfinite:
+            wrapper.optimizer_step()
+        return StepOutcome(norm, not nonfinite, nonfinite, ranks)
+    if nonfinite and report_overflow:
         _report_nonfinite(wrapper, scaler)
-    if scaler.update(found_inf):
+    stepped = scaler.update(nonfinite)
+    if stepped:
         wrapper.optimizer_step()
-        return norm, True
-    return norm, False
+    return StepOutcome(norm, stepped, nonfinite, ranks)
 
 
 def _report_nonfinite(wrapper, scaler: DynamicLossScaler) -> None:

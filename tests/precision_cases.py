@@ -87,8 +87,7 @@ def overflow_on_one_rank_skips_everywhere(rank: int, world: int, parallel: str, 
             _, loss = wrapper(x[mine], y[mine])
         wrapper.backward(loss * scaler.scale)
         wrapper.finish_gradient_sync()
-        _, ok = unscale_clip_step(wrapper, scaler, max_norm=1.0, report_overflow=True)
-        stepped.append(ok)
+        stepped.append(unscale_clip_step(wrapper, scaler, max_norm=1.0, report_overflow=True).stepped)
         if step == 1:
             names = wrapper.nonfinite_grad_names()
             after = _snapshot(wrapper)
@@ -124,8 +123,7 @@ def mixed_matches_reference(rank: int, world: int, parallel: str, precision: str
             _, loss = wrapper(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
         wrapper.backward(loss * scale)
         wrapper.finish_gradient_sync()
-        _, ok = unscale_clip_step(wrapper, scaler, max_norm=0.5)
-        assert ok, "no overflow expected at this scale"
+        assert unscale_clip_step(wrapper, scaler, max_norm=0.5).stepped, "no overflow expected at this scale"
         wrapper.zero_grad()
         # the reference: every rank's micro-batch in turn, gradients summed in reduce dtype
         total = [torch.zeros_like(m, dtype=policy.reduce_dtype) for m in masters]
@@ -179,3 +177,23 @@ def loss_curve(rank: int, world: int, precision: str, steps: int = 100, parallel
     comm.close()
     assert all(math.isfinite(v) for v in curve)
     return curve
+
+
+def nonfinite_loss_names_the_rank(rank: int, world: int, bad_rank: int = 1) -> dict:
+    """fp32, no scaler: a nan loss on `bad_rank` only (its gradients poisoned too) is not
+    stepped on any rank, and every rank learns which rank it was."""
+    comm = Communicator(None)
+    model = _model(3)
+    wrapper = _wrap(model, comm, "ddp", PrecisionPolicy.from_name("fp32"))
+    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    x, y = _batch(0, 2 * world)
+    _, loss = wrapper(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
+    if rank == bad_rank:
+        loss = loss * float("nan")
+    wrapper.backward(loss)
+    wrapper.finish_gradient_sync()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = unscale_clip_step(wrapper, None, max_norm=1.0, loss=loss.detach())
+    same = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    comm.close()
+    return {"stepped": out.stepped, "nonfinite": out.nonfinite, "ranks": out.nonfinite_ranks, "unchanged": same}

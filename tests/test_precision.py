@@ -146,3 +146,8 @@ def test_half_precision_follows_the_fp32_loss_curve(curves, precision, tol):
     assert ref[-1] < 0.6 * ref[0], "the reference run must actually learn"
     worst = max(abs(a - b) / b for a, b in zip(got, ref))
     assert worst <= tol, (worst, got[-5:], ref[-5:])
+
+
+def test_a_nan_loss_on_one_rank_is_caught_everywhere_and_named(pools):
+    for r in pools(2).run("precision_cases:nonfinite_loss_names_the_rank"):
+        assert r == {"stepped": False, "nonfinite": True, "ranks": [1], "unchanged": True}

@@ -6,23 +6,27 @@ Layout of one checkpoint:
     optimizer/      ZeRO: the sharded optimizer state, torch.distributed.checkpoint format,
                     readable by any world size (resharding happens on load)
     rank_<r>.pt     every rank: its data sampler position and RNG states
-    meta.json       written last: step, world size, file list; its presence marks a
-                    complete checkpoint
+    meta.json       written last: step, world size, and the size and CRC-32 of every other
+                    file; its presence marks a complete checkpoint, its list a correct one
 
 Protocol: every rank writes into `checkpoints/.tmp_step_<N>/` (each file itself via
 temp file + fsync + rename), a barrier, then rank 0 writes meta.json and renames the
 directory to `step_<N>` in one step, and a second barrier. A crash at any point
 leaves either no `step_<N>` or a complete one; `latest` ignores anything without
-meta.json, so a half-written checkpoint is never loaded.
+meta.json, so a half-written checkpoint is never loaded; `latest` also re-checks every
+file's size and CRC-32 against meta.json and skips (with a warning) a checkpoint whose
+files were truncated or damaged afterwards, falling back to the previous one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +35,46 @@ import torch.distributed as dist
 
 from parallel.atomic import atomic_write, fsync_dir
 
+from .structured import ConfigError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+log = logging.getLogger("ringtrain.checkpoint")
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _inventory(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of every file below `folder` except meta.json."""
+    return {str(f.relative_to(folder)): [f.stat().st_size, _crc32(f)]
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "meta.json"}
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is a complete checkpoint whose files match meta.json, else what is wrong."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e})"
+    files = meta.get("files")
+    if not isinstance(files, dict):  # format 1 listed names only: check they exist
+        missing = [n for n in (files or []) if not (path / n).exists()]
+        return f"missing {missing}" if missing else None
+    for name, (size, crc) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, meta.json says {size} (truncated?)"
+        if _crc32(f) != crc:
+            return f"{name} fails its CRC-32 check (damaged)"
+    return None
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -67,8 +109,13 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def latest(ckpt_root: Path) -> Path | None:
-    found = complete_checkpoints(ckpt_root)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint whose files pass `verify`; damaged ones are reported and skipped."""
+    for _, path in reversed(complete_checkpoints(ckpt_root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning(f"skipping checkpoint {path}: {problem}")
+    return None
 
 
 def save(ckpt_root: Path, step: int, *, model_state: dict | None, save_optimizer,
@@ -89,7 +136,7 @@ def save(ckpt_root: Path, step: int, *, model_state: dict | None, save_optimizer
     _barrier(group)
     if rank == 0:
         meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
-                "files": sorted(p.name for p in tmp.iterdir()), **(extra_meta or {})}
+                "files": _inventory(tmp), **(extra_meta or {})}
         atomic_write(tmp / "meta.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming at it): replace whole
@@ -112,26 +159,29 @@ def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, devi
          parallel: str | None = None, ep_size: int = 1) -> tuple[int, dict, bool]:
     """Loads the model and this rank's state from a complete checkpoint; returns (step,
     rank state, resharded). With another world size every rank takes rank 0's state
-    (sampler positions differ only by rank; the caller converts them). Raises ValueError
+    (sampler positions differ only by rank; the caller converts them). Raises ConfigError
     naming trainer.resume for an incomplete checkpoint, another model or another layout."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"trainer.resume={str(path)!r}: not a complete checkpoint (no meta.json)")
+        raise ConfigError(f"trainer.resume={str(path)!r}: not a complete checkpoint (no meta.json)")
+    problem = verify(path)
+    if problem is not None:
+        raise ConfigError(f"trainer.resume={str(path)!r}: damaged checkpoint: {problem}")
     meta = json.loads(meta_path.read_text())
     resharded = meta["world_size"] != world_size
     rank_file = path / f"rank_{0 if resharded else rank}.pt"
     if not rank_file.is_file():
-        raise ValueError(f"trainer.resume={str(path)!r}: {rank_file.name} is missing")
+        raise ConfigError(f"trainer.resume={str(path)!r}: {rank_file.name} is missing")
     if parallel is not None and meta.get("parallel", parallel) != parallel:
-        raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel={meta['parallel']}, this run "
+        raise ConfigError(f"trainer.resume={str(path)!r}: saved with parallel={meta['parallel']}, this run "
                          f"uses parallel={parallel}; their optimizer states are laid out differently")
     if meta.get("ep_size", 1) != ep_size:
-        raise ValueError(f"trainer.resume={str(path)!r}: saved with parallel.ep_size={meta.get('ep_size', 1)}, "
+        raise ConfigError(f"trainer.resume={str(path)!r}: saved with parallel.ep_size={meta.get('ep_size', 1)}, "
                          f"this run uses parallel.ep_size={ep_size}; each expert slice has its own optimizer file")
     try:
         model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     except RuntimeError as e:  # missing / unexpected keys or shapes: another model
-        raise ValueError(f"trainer.resume={str(path)!r}: the checkpoint holds another model: {e}") from None
+        raise ConfigError(f"trainer.resume={str(path)!r}: the checkpoint holds another model: {e}") from None
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
     return int(meta["step"]), state, resharded

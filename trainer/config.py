@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import AttentionConfig, ModelConfig
 
 from .data.config import DataConfig
-from .structured import build
+from .structured import ConfigError, build
 
 
 @dataclass
@@ -166,7 +166,7 @@ class LoopConfig:
     """Log metrics every N steps."""
     ckpt_every: int = 0
     """Save a checkpoint every N steps; one is always saved at the end; 0 = only at the end."""
-    keep_checkpoints: int = 2
+    keep_last: int = 2
     """Completed checkpoints kept on disk (oldest deleted first); 0 keeps all."""
     resume: str = "none"
     """none | auto (latest complete checkpoint in the run directory, if any) | a checkpoint path."""
@@ -181,12 +181,14 @@ class LoopConfig:
     """Per-device peak for MFU; None = a table for known GPUs, a measured matmul peak on CPU."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """fp32/bf16: a non-finite loss or gradient stops the run naming the step and rank(s), or skips that step."""
 
     def validate(self) -> None:
         for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
             if getattr(self, k) < 1:
                 raise ValueError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("eval_every", "ckpt_every", "keep_checkpoints"):
+        for k in ("eval_every", "ckpt_every", "keep_last"):
             if getattr(self, k) < 0:
                 raise ValueError(f"trainer.{k} must be >= 0, got {getattr(self, k)}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
@@ -235,6 +237,11 @@ class TrainConfig:
 
 def load_config(cfg: DictConfig | dict) -> TrainConfig:
     """Hydra's composed config -> a validated TrainConfig (raises ValueError naming the key)."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    data.pop("hydra", None)
-    return build(TrainConfig, data)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        data.pop("hydra", None)
+        return build(TrainConfig, data)
+    except ConfigError:
+        raise
+    except ValueError as e:  # every validate() raises ValueError naming its key
+        raise ConfigError(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import ShardedBatches, eval_batches
 from .optim import lr_at, set_lr
+
+log = logging.getLogger("ringtrain.train")
 
 
 @dataclass
@@ -41,6 +44,16 @@ class RunState:
     policy: PrecisionPolicy = PrecisionPolicy.from_name("fp32")
     scaler: DynamicLossScaler | None = None  # fp16 with the native engine
     ep_comm: object = None                     # expert parallelism's all-to-all Communicator
+    skipped_nonfinite: int = 0                 # fp32/bf16 steps skipped for a non-finite loss (checkpointed)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied (fp16 overflows, or non-finite losses skipped): the schedule ignores them."""
+        return self.scaler.state.skipped_steps if self.scaler else self.skipped_nonfinite
+
+
+class NonFiniteLossError(RuntimeError):
+    """trainer.on_nonfinite=stop and a rank's loss (or the gradients) became inf / nan."""
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -55,9 +68,8 @@ def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: accumulation, scaled backward, averaged gradients, unscaling,
     overflow check, clipping, update. Returns (mean micro-batch loss, global grad norm)."""
     cfg, ddp, model = s.cfg, s.ddp, s.ddp.module
-    skipped = s.scaler.state.skipped_steps if s.scaler else 0
-    # a skipped (overflowed) step does not advance the schedule
-    set_lr(s.optimizer, lr_at(step - skipped, cfg.optim, cfg.trainer.max_steps))
+    # a skipped (overflowed / non-finite) step does not advance the schedule
+    set_lr(s.optimizer, lr_at(step - s.skipped_steps, cfg.optim, cfg.trainer.max_steps))
     model.set_step(step)  # Performer redraws its features here, identically on every rank
     accum = cfg.trainer.grad_accum
     scale = s.scaler.scale if s.scaler else 1.0  # fp16: keeps small gradients representable
@@ -78,8 +90,18 @@ def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.engine == "native":
         # unscale, global norm (across shards under ZeRO), skip everywhere if any rank
         # overflowed, clip, step on the float32 masters, refresh/all-gather the parameters
-        grad_norm, _ = unscale_clip_step(ddp, s.scaler, max_norm=clip,
-                                         report_overflow=cfg.precision.report_overflow)
+        out = unscale_clip_step(ddp, s.scaler, max_norm=clip, loss=loss_sum,
+                                report_overflow=cfg.precision.report_overflow)
+        grad_norm = out.norm
+        if out.nonfinite and s.scaler is None:  # fp32 / bf16: no scale to lower
+            message = (f"non-finite loss at step {step + 1} on rank(s) {out.nonfinite_ranks}" if out.nonfinite_ranks
+                       else f"non-finite gradients at step {step + 1} (the loss was finite on every rank; "
+                            "averaging spreads one rank's inf to all)")
+            if cfg.trainer.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"{message}; trainer.on_nonfinite=stop")
+            s.skipped_nonfinite += 1
+            if s.rank == 0:
+                log.warning(f"{message}: step skipped (trainer.on_nonfinite=skip, {s.skipped_nonfinite} so far)")
     else:  # the engine scales, clips and steps itself
         grad_norm = ddp.clip_grad_norm_(clip)
         ddp.optimizer_step()
@@ -106,7 +128,10 @@ def evaluate(s: RunState) -> float:
 
 
 def _scaler_metrics(s: RunState) -> dict:
-    """fp16: the loss scale and the overflow counters (DeepSpeed's own scale for engine=deepspeed)."""
+    """fp16: the loss scale and the overflow counters (DeepSpeed's own scale for engine=deepspeed);
+    fp32 / bf16: the steps skipped for a non-finite loss."""
+    if s.scaler is None and s.cfg.engine == "native":
+        return {"skipped_steps": s.skipped_nonfinite}
     if s.scaler is not None:
         st = s.scaler.state
         return {"loss_scale": st.scale, "skipped_steps": st.skipped_steps,
@@ -195,12 +220,12 @@ def run(s: RunState, start_step: int) -> dict:
                 t_save = time.perf_counter()
                 # float32 (master) weights, gathered from the shards under ZeRO; rank 0's copy
                 model_state = s.ddp.consolidated_state_dict()
-                rank_state = {"sampler": s.batches.state_dict(),
+                rank_state = {"sampler": s.batches.state_dict(), "skipped_nonfinite": s.skipped_nonfinite,
                               "loss_scaler": s.scaler.state_dict() if s.scaler else None}
                 checkpoint.save(ckpt_root, done, model_state=model_state, save_optimizer=s.ddp.save_optimizer,
                                 rank_state=rank_state, rank=s.rank,
                                 world_size=s.world_size, group=s.ddp.comm.group,
-                                keep=t.keep_checkpoints, extra_meta={"parallel": s.cfg.parallel.name, "ep_size": s.cfg.parallel.ep_size})
+                                keep=t.keep_last, extra_meta={"parallel": s.cfg.parallel.name, "ep_size": s.cfg.parallel.ep_size})
                 window_t0 += time.perf_counter() - t_save  # saving is not training time
             bar.update(1)
     bar.close()

@@ -94,6 +94,11 @@ def _coerce(t, value, key: str):
     return value
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message names the key and the value. The
+    entry point prints it as one line and exits with status 2."""
+
+
 def build(cls: type, data: dict, key: str = ""):
     """Constructs dataclass `cls` from a plain dict, checking keys, types and choices."""
     hints = get_type_hints(cls)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -30,10 +32,11 @@ from parallel.zero import apply_zero
 
 from . import checkpoint
 from .config import TrainConfig, load_config
+from .structured import ConfigError
 from .engines import AccelerateEngine, DeepSpeedEngine
 from .data import ShardedBatches, eval_batches, load_tokens
 from .loggers import MetricsFile, build_logger
-from .loop import RunState, run
+from .loop import NonFiniteLossError, RunState, run
 from .mfu import peak_flops
 from .optim import adamw_factory
 from .structured import schema_of
@@ -59,24 +62,43 @@ def _run_dir() -> Path:
     return Path(os.environ.get("RINGTRAIN_RUN_DIR", "runs/train/untitled"))
 
 
+def check_config(cfg: DictConfig | TrainConfig, run_dir: Path) -> TrainConfig:
+    """Everything that can be checked before a process group exists: the typed config and
+    what it asks of this machine and launch. Raises ConfigError naming the key and value."""
+    tc = cfg if isinstance(cfg, TrainConfig) else load_config(cfg)
+    cuda = torch.cuda.is_available()
+    want_cuda = tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and cuda)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it
+    problems = [
+        (tc.trainer.device == "cuda" and not cuda, "trainer.device=cuda but no CUDA device is visible"),
+        (tc.parallel.backend == "nccl" and not want_cuda,
+         "parallel.backend=nccl needs CUDA GPUs (trainer.device cuda or auto with a GPU visible); use gloo or auto"),
+        (tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda,
+         f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which needs a GPU "
+         "(Accelerate refuses FSDP on CPU); use parallel=ddp here"),
+        (tc.engine == "deepspeed" and tc.precision.name == "fp16" and not want_cuda,
+         "engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+         "use precision=bf16, or engine=native for fp16 with loss scaling on CPU"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+    try:
+        Topology.validate(world, tc.parallel.ep_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if tc.trainer.resume not in ("none", "auto"):
+        _resume_path(tc.trainer.resume, run_dir)
+    return tc
+
+
 def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> dict:
     """Trains as `cfg` says; returns the last logged metrics record."""
-    tc = cfg if isinstance(cfg, TrainConfig) else load_config(cfg)  # fails here, before any process group
-    resolved = dataclasses.asdict(tc)
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
+    tc = check_config(cfg, run_dir)  # fails here, before any process group
+    resolved = dataclasses.asdict(tc)
     want_cuda = tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and torch.cuda.is_available())
-    if tc.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is visible")
     backend = tc.parallel.backend if want_cuda else "gloo"
-    if tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda:
-        raise ValueError(f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which "
-                         "needs a GPU (Accelerate refuses FSDP on CPU); use parallel=ddp here")
-    if tc.engine == "deepspeed" and tc.precision.name == "fp16" and not want_cuda:
-        raise ValueError("engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
-                         "fp16); use precision=bf16, or engine=native for fp16 with loss scaling on CPU")
-    if tc.trainer.resume not in ("none", "auto"):
-        _resume_path(tc.trainer.resume, run_dir)  # a bad path fails before any process group
-    Topology.validate(int(os.environ.get("WORLD_SIZE", "1")), tc.parallel.ep_size)  # torchrun sets it
     ctx = init_distributed(backend)
     try:
         return _train(tc, resolved, run_dir, ctx)
@@ -93,7 +115,7 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     # data: every rank reads its own shard; the token file is built once (file lock)
     tokens = load_tokens(tc.data)
     if tokens.vocab_size > tc.model.vocab_size:
-        raise ValueError(f"model.vocab_size={tc.model.vocab_size} is smaller than the data's "
+        raise ConfigError(f"model.vocab_size={tc.model.vocab_size} is smaller than the data's "
                          f"vocabulary ({tokens.vocab_size}, {tc.data.kind})")
     # fails now (naming data.val_fraction) rather than at the first evaluation
     eval_batches(tokens.val, seq_len=tc.model.seq_len, micro_batch_size=tc.trainer.micro_batch_size,
@@ -105,7 +127,7 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     torch.manual_seed(tc.trainer.seed)
     model = DecoderLM(tc.model, tc.attention).to(device)
     resume = _resume_path(tc.trainer.resume, run_dir)
-    start_step, rank_state = 0, None
+    start_step, rank_state, skipped_nonfinite = 0, None, 0
     if resume is not None:
         start_step, rank_state, resharded = checkpoint.load(resume, model=model, rank=ctx.rank,
                                                             world_size=ctx.world_size, device=device,
@@ -143,10 +165,14 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     optimizer = ddp.optimizer if tc.engine != "native" else ddp.build_optimizer(adamw_factory(tc.optim), groups)
     scaler = build_loss_scaler(policy, tc.precision) if tc.engine == "native" else None
     if resume is not None:
-        ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
+        try:
+            ddp.load_optimizer(resume)  # ZeRO: resharded to this world size by DCP
+        except ValueError as e:  # a missing or foreign shard: the message names trainer.resume
+            raise ConfigError(str(e)) from None
         batches.load_state_dict(rank_state["sampler"], reshard=resharded)
         if scaler is not None and rank_state.get("loss_scaler"):
             scaler.load_state_dict(rank_state["loss_scaler"])
+        skipped_nonfinite = rank_state.get("skipped_nonfinite", 0)
 
     peak, peak_src = peak_flops(device, bf16=policy.mixed, override_tflops=tc.trainer.peak_tflops)
     metrics_file = logger = None
@@ -163,7 +189,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
                  f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"
                  + (f" | resumed from {resume} at step {start_step}" if resume is not None else ""))
     state = RunState(tc, ddp, optimizer, batches, tokens.val, device, topo.dp_rank, topo.dp_size, run_dir,
-                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger, policy, scaler, ep_comm)
+                     model.flops_per_token(tc.model.seq_len), peak, metrics_file, logger, policy, scaler, ep_comm,
+                     skipped_nonfinite)
     try:
         record = run(state, start_step)
     finally:
@@ -183,13 +210,21 @@ def _resume_path(resume: str, run_dir: Path) -> Path | None:
         return checkpoint.latest(run_dir / "checkpoints")
     path = Path(resume)
     if not (path / "meta.json").is_file():
-        raise ValueError(f"trainer.resume={resume!r} is not a complete checkpoint directory")
+        raise ConfigError(f"trainer.resume={resume!r} is not a complete checkpoint directory")
     return path
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, NonFiniteLossError) as e:  # one line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails alike; one says so
+            kind = "config error" if isinstance(e, ConfigError) else "stopped"
+            print(f"ringtrain: {kind}: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(1.0)  # torchrun stops all ranks when one exits: let rank 0 say it first
+        sys.exit(2 if isinstance(e, ConfigError) else 3)
 
 
 if __name__ == "__main__":

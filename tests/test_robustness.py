@@ -1,0 +1,158 @@
+"""Failing well: a table of bad configurations refused before any process group with one
+line naming the key and value; non-finite losses stopped or skipped; damaged checkpoints
+skipped; a run killed while saving leaves the previous checkpoint loadable."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import trainer.train  # noqa: F401  registers the schema
+from trainer import checkpoint
+from trainer.structured import ConfigError
+from trainer.train import check_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "trainer.micro_batch_size=2", "trainer.progress=false", "trainer.eval_batches=1",
+        "trainer.eval_every=0", "trainer.log_every=1"]
+
+# (overrides, what the one-line message must contain: the key and the offending value)
+BAD = [
+    (["attention.kind=softmx"], ["attention.kind", "softmx"]),
+    (["parallel.algorithm=butterfly"], ["parallel.algorithm", "butterfly"]),
+    (["precision.name=fp8"], ["precision.name", "fp8"]),
+    (["trainer.grad_accum=0"], ["trainer.grad_accum", "0"]),
+    (["trainer.micro_batch_size=-2"], ["trainer.micro_batch_size", "-2"]),
+    (["trainer.max_steps=0"], ["trainer.max_steps", "0"]),
+    (["optim.lr=-1"], ["optim.lr", "-1"]),
+    (["optim.beta2=1.5"], ["optim.beta2", "1.5"]),
+    (["model.n_heads=3"], ["model.n_heads", "3"]),
+    (["model.d_model=0"], ["model.d_model", "0"]),
+    (["parallel.bucket_mb=0"], ["parallel.bucket_mb", "0"]),
+    (["parallel.window=1"], ["parallel.window", "1"]),
+    (["parallel.ep_size=0"], ["parallel.ep_size", "0"]),
+    (["data.val_fraction=2.0"], ["data.val_fraction", "2.0"]),
+    (["data=text", "data.paths=[/no/such/corpus]"], ["data.paths", "/no/such/corpus"]),
+    (["logger._target_=os.system"], ["logger._target_", "os.system"]),
+    (["precision.backoff_factor=2"], ["precision.backoff_factor", "2"]),
+    (["precision.hysteresis=0"], ["precision.hysteresis", "0"]),
+    (["model.moe.num_experts=2", "model.moe.top_k=3"], ["model.moe.top_k", "3"]),
+    (["model.moe.num_experts=6", "parallel.ep_size=4"], ["model.moe.num_experts=6", "parallel.ep_size=4"]),
+    (["model.moe.num_experts=4", "parallel.ep_size=4"], ["parallel.ep_size=4", "world size 2"]),  # WORLD_SIZE=2
+    (["engine=accelerate", "parallel=zero1"], ["engine=accelerate", "parallel=zero1"]),
+    (["trainer.resume=/no/such/step_3"], ["trainer.resume", "/no/such/step_3"]),
+    (["trainer.device=cuda"], ["trainer.device=cuda"]),
+    (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite", "ignore"]),
+]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides, words", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_configuration_is_refused_naming_key_and_value(monkeypatch, tmp_path, overrides, words):
+    if overrides == ["trainer.device=cuda"] and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would for 2 ranks
+    with pytest.raises(ConfigError) as e:
+        check_config(_compose(overrides), tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def _launch(args, n=2, timeout=120, log_dir=None):
+    logs = [f"--log-dir={log_dir}", "--redirects=3"] if log_dir else []  # each rank's console to its own files
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *logs,
+           "-m", "trainer.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _rank0_console(log_dir: Path) -> str:
+    (err,) = log_dir.rglob("attempt_0/0/stderr.log")
+    (out,) = log_dir.rglob("attempt_0/0/stdout.log")
+    return out.read_text() + err.read_text()
+
+
+def test_a_real_launch_prints_one_line_and_no_traceback(tmp_path):
+    line = "ringtrain: config error: parallel.bucket_mb must be > 0, got -1.0"
+    r = _launch(["parallel.bucket_mb=-1", f"hydra.run.dir={tmp_path / 'run'}"], log_dir=tmp_path / "logs")
+    assert r.returncode != 0
+    console = _rank0_console(tmp_path / "logs")
+    assert console.strip().splitlines() == [line], console  # one line, no traceback
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_naming_the_step(tmp_path, cache, mode):
+    # lr 1e30: the first update makes the weights huge, the next gradients inf
+    r = _train_one(TINY + [f"data.cache_dir={cache}", "optim.lr=1e30", "optim.warmup_steps=0", "trainer.max_steps=4",
+                           f"trainer.on_nonfinite={mode}", f"hydra.run.dir={tmp_path}"])
+    out = r.stdout + r.stderr
+    if mode == "stop":
+        assert r.returncode == 3 and "Traceback" not in out, out[-3000:]
+        assert "ringtrain: stopped: non-finite gradients at step 2" in out, out[-3000:]
+        assert "trainer.on_nonfinite=stop" in out
+    else:
+        assert r.returncode == 0, out[-3000:]
+        assert "non-finite gradients at step 2" in out and "step skipped" in out
+        rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [x["skipped_steps"] for x in rows] == [0, 1, 2, 3]
+
+
+def _train_one(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_damaged_checkpoint_is_reported_and_skipped_and_keep_last_prunes(tmp_path, cache):
+    common = TINY + [f"data.cache_dir={cache}", "trainer.ckpt_every=2", "trainer.keep_last=2",
+                     f"hydra.run.dir={tmp_path}"]
+    r = _train_one(common + ["trainer.max_steps=6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)] == [4, 6]  # step_2 pruned
+    model = root / "step_6" / "model.pt"
+    with open(model, "r+b") as fh:  # really truncated
+        fh.truncate(model.stat().st_size // 2)
+    assert "truncated" in checkpoint.verify(root / "step_6")
+    r = _train_one(common + ["trainer.max_steps=8", "trainer.resume=auto"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "skipping checkpoint" in out and "step_6" in out and "resumed from" in out and "at step 4" in out
+    assert checkpoint.verify(root / "step_8") is None
+
+
+def test_a_run_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path, cache):
+    # a checkpoint every step, so most of the time is spent saving; SIGKILL at a random moment
+    common = TINY + [f"data.cache_dir={cache}", "model=small", "trainer.ckpt_every=1", "trainer.keep_last=3",
+                     "trainer.max_steps=40", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *common], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = tmp_path / "checkpoints"
+    deadline = time.time() + 90
+    while not (root / "step_3").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(7).uniform(0.0, 0.5))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = checkpoint.complete_checkpoints(root)
+    assert done, "no checkpoint survived"
+    assert all(checkpoint.verify(p) is None for _, p in done)  # whatever has meta.json is whole
+    step = done[-1][0]
+    r = _train_one(common + [f"trainer.max_steps={step + 2}", "trainer.resume=auto"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"at step {step}" in r.stdout + r.stderr

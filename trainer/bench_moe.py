@@ -63,8 +63,8 @@ from models import AttentionConfig, DecoderLM, ModelConfig
 from models.config import MoEConfig
 from models.moe import MoELayer, capacity
 
-from .expert_parallel import apply_expert_parallel
-from .process_group import init_distributed, shutdown
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.process_group import init_distributed, shutdown
 
 # One row per contender. params: per rank (layer: router + experts held; model: active non-embedding
 # params); ratio: throughput over the peer's (deepspeed, dense); a2a bytes: sent per step by one rank.

@@ -98,7 +98,9 @@ TRAJECTORY = [a for a in TINY if not a.startswith("trainer.micro_batch_size")] +
     "trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1"]
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "rhd", "tree", "native"])
+# rhd and tree train the same way through DataParallel; tests/test_data_parallel.py checks
+# every algorithm's DDP step against a single process, so the trainer runs ring and native
+@pytest.mark.parametrize("algorithm", ["ring", "native"])
 def test_two_ranks_follow_one_rank_with_double_batch(tmp_path, cache, one_rank_double_batch, algorithm):
     # rank r takes windows r, r+2, ... of the epoch's permutation, so the two ranks' batches
     # of 4 are exactly the one rank's batch of 8: the trajectories may differ only by rounding
@@ -142,11 +144,9 @@ def test_multirun_sweeps_attention(tmp_path, cache):
     assert kinds == {2}
 
 
-@pytest.mark.parametrize("override, key", [
-    ("attention.kind=softmx", "attention.kind"),
-    ("trainer.max_stepz=3", "max_stepz"),
-    ("trainer.resume=/nonexistent/step_3", "trainer.resume"),
-])
+# bad values are a table in tests/test_robustness.py (in-process, plus one real launch);
+# a misspelt key fails inside Hydra itself, so it gets its own real launch here
+@pytest.mark.parametrize("override, key", [("trainer.max_stepz=3", "max_stepz")])
 def test_bad_config_stops_before_any_work(tmp_path, override, key):
     run_dir = tmp_path / "run"
     r = _run([override, f"hydra.run.dir={run_dir}"], n=2, timeout=120)

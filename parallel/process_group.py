@@ -4,14 +4,23 @@ Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR ...)
 describes the job; run as plain `python` it is a world of one. CUDA machines
 get NCCL with one GPU per local rank, everything else gets gloo on the CPU:
 the same code runs on both.
+
+`timeout_s` is the process group's timeout: on gloo any send, receive or
+collective waiting longer raises; on NCCL the watchdog aborts the process
+(TORCH_NCCL_ASYNC_ERROR_HANDLING, set to 3 = tear down unless already set).
+ringtrain's own collectives report hangs more precisely: see
+`Communicator(timeout_s=...)` and `collectives/timeouts.py`.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -49,13 +58,16 @@ def _free_port() -> int:
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Joins the job torchrun started, or makes a world of one when there is none."""
+    """Joins the job torchrun started, or makes a world of one when there is none.
+
+    Backend operations (and the rendezvous) fail after `timeout_s` seconds."""
     backend = pick_backend(backend)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # a timed-out collective ends the process
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
@@ -74,3 +86,22 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort_process(message: str | None, exit_code: int = 1) -> NoReturn:
+    """Prints `message` (unless None) as one line on stderr and ends the process now.
+
+    For errors after which the process group cannot be used (a `CollectiveTimeout`):
+    a send or receive stuck in the backend cannot be cancelled, and a normal exit
+    (or destroy_process_group) would wait for it up to the process group's own
+    timeout. Flushes logging, stdout and stderr, then os._exit: `finally` blocks
+    and atexit handlers do not run.
+    """
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        if message is not None:
+            sys.stderr.write(message.rstrip("\n") + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(exit_code)

@@ -50,6 +50,7 @@ BAD = [
     (["trainer.resume=/no/such/step_3"], ["trainer.resume", "/no/such/step_3"]),
     (["trainer.device=cuda"], ["trainer.device=cuda"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite", "ignore"]),
+    (["parallel.timeout_s=0"], ["parallel.timeout_s", "0"]),
 ]
 
 

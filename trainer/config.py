@@ -39,9 +39,12 @@ class ParallelConfig:
     """Pipelining segment of the hand-written collectives, in MiB."""
     window: int = 2
     """Segments in flight in the hand-written collectives (>= 2)."""
+    timeout_s: float = 600.0
+    """A collective that cannot finish within this many seconds (a rank stuck or gone) stops every
+    other rank with one line naming the collective, its sequence number and the missing rank(s)."""
 
     def validate(self) -> None:
-        for k in ("bucket_mb", "first_bucket_mb", "segment_mb"):
+        for k in ("bucket_mb", "first_bucket_mb", "segment_mb", "timeout_s"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"parallel.{k} must be > 0, got {getattr(self, k)}")
         if self.ep_size < 1:

@@ -22,11 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from models.transformer import DecoderLM
-from parallel.collectives import Communicator, Tuning
+from parallel.collectives import CollectiveTimeout, Communicator, Tuning
 from parallel.data_parallel import apply_ddp, broadcast_module_state
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.precision import PrecisionPolicy, build_loss_scaler
-from parallel.process_group import init_distributed, shutdown
+from parallel.process_group import abort_process, init_distributed, shutdown
 from parallel.topology import Topology
 from parallel.zero import apply_zero
 
@@ -99,9 +99,13 @@ def train(cfg: DictConfig | TrainConfig, run_dir: str | Path | None = None) -> d
     resolved = dataclasses.asdict(tc)
     want_cuda = tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and torch.cuda.is_available())
     backend = tc.parallel.backend if want_cuda else "gloo"
-    ctx = init_distributed(backend)
+    ctx = init_distributed(backend, timeout_s=tc.parallel.timeout_s)
     try:
         return _train(tc, resolved, run_dir, ctx)
+    except CollectiveTimeout as e:
+        # a stuck gloo receive cannot be cancelled, so a clean shutdown would wait for the
+        # process group's own timeout: print the one line and leave now
+        abort_process(str(e))
     finally:
         shutdown()
 
@@ -138,13 +142,14 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     # then data parallelism replicates the dense weights over all ranks and each slice
     # of experts over the ranks that hold it (Topology.expert_dp)
     tuning = Tuning(segment_bytes=int(tc.parallel.segment_mb * 2**20), window=tc.parallel.window)
-    comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm, tuning=tuning)
+    comm = Communicator(topo.dp, algorithm=tc.parallel.algorithm, tuning=tuning, timeout_s=tc.parallel.timeout_s)
     ep_comm = expert_comm = None
     experts: list = []
     if tc.parallel.ep_size > 1:
-        ep_comm = apply_expert_parallel(model, topo.ep, comm=Communicator(topo.ep, algorithm=tc.parallel.algorithm,
-                                                                          tuning=tuning))
-        expert_comm = Communicator(topo.expert_dp, algorithm=tc.parallel.algorithm, tuning=tuning)
+        ep_comm = apply_expert_parallel(model, topo.ep, comm=Communicator(
+            topo.ep, algorithm=tc.parallel.algorithm, tuning=tuning, timeout_s=tc.parallel.timeout_s))
+        expert_comm = Communicator(topo.expert_dp, algorithm=tc.parallel.algorithm, tuning=tuning,
+                                   timeout_s=tc.parallel.timeout_s)
         experts = model.expert_parameters()
     groups = model.param_groups(tc.optim.weight_decay)
     # half parameters in compute, float32 masters inside the wrapper; gradients travel in reduce_dtype

@@ -5,10 +5,11 @@ from .api import all_gather, all_reduce, all_to_all, broadcast, exchange_split_s
 from .communicator import Communicator, Handle
 from .reduce_ops import REDUCE_OPS, split_bounds, split_sizes
 from .registry import ALGORITHMS, OPS, Tuning, available
+from .timeouts import CollectiveTimeout
 from .transport import CommStats, Transport
 
 __all__ = [
-    "ALGORITHMS", "OPS", "REDUCE_OPS", "CommStats", "Communicator", "Handle", "Transport", "Tuning",
-    "all_gather", "all_reduce", "all_to_all", "available", "broadcast", "exchange_split_sizes",
+    "ALGORITHMS", "OPS", "REDUCE_OPS", "CollectiveTimeout", "CommStats", "Communicator", "Handle", "Transport",
+    "Tuning", "all_gather", "all_reduce", "all_to_all", "available", "broadcast", "exchange_split_sizes",
     "reduce_scatter", "split_bounds", "split_sizes",
 ]

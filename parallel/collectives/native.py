@@ -3,6 +3,8 @@
 Uneven pieces (numel not divisible by the world size) are padded to equal
 pieces, since the backends' tensor collectives need equal pieces.
 Precision is the backend's: gloo and NCCL reduce half types in their dtype.
+Every call is issued asynchronously and waited through the transport, so a
+Communicator's timeout applies (the peers it waits on are the backend's secret).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _reduce_op(op: str, group):
 @register("all_reduce", "native")
 def native_all_reduce(tp: Transport, flat, op, tuning) -> None:
     tp.stats.bytes_sent += _ring_bytes(flat, tp.size, 2)
-    dist.all_reduce(flat, op=_reduce_op(op, tp.group), group=tp.group)
+    tp.wait(dist.all_reduce(flat, op=_reduce_op(op, tp.group), group=tp.group, async_op=True), None)
 
 
 @register("reduce_scatter", "native")
@@ -34,7 +36,8 @@ def native_reduce_scatter(tp: Transport, out, inp, op, tuning) -> None:
     p = tp.size
     tp.stats.bytes_sent += _ring_bytes(inp, p, 1)
     if inp.numel() % p == 0:
-        dist.reduce_scatter_tensor(out, inp, op=_reduce_op(op, tp.group), group=tp.group)
+        tp.wait(dist.reduce_scatter_tensor(out, inp, op=_reduce_op(op, tp.group), group=tp.group,
+                                          async_op=True), None)
         return
     bounds = split_bounds(inp.numel(), p)
     width = bounds[1] - bounds[0]
@@ -42,7 +45,8 @@ def native_reduce_scatter(tp: Transport, out, inp, op, tuning) -> None:
     for c in range(p):
         padded[c * width: c * width + bounds[c + 1] - bounds[c]].copy_(inp[bounds[c]:bounds[c + 1]])
     piece = inp.new_empty(width)
-    dist.reduce_scatter_tensor(piece, padded, op=_reduce_op(op, tp.group), group=tp.group)
+    tp.wait(dist.reduce_scatter_tensor(piece, padded, op=_reduce_op(op, tp.group), group=tp.group,
+                                      async_op=True), None)
     out.copy_(piece[: out.numel()])
 
 
@@ -51,14 +55,14 @@ def native_all_gather(tp: Transport, out, inp, tuning) -> None:
     p = tp.size
     tp.stats.bytes_sent += _ring_bytes(out, p, 1)
     if out.numel() % p == 0:
-        dist.all_gather_into_tensor(out, inp, group=tp.group)
+        tp.wait(dist.all_gather_into_tensor(out, inp, group=tp.group, async_op=True), None)
         return
     bounds = split_bounds(out.numel(), p)
     width = bounds[1] - bounds[0]
     mine = inp.new_zeros(width)
     mine[: inp.numel()].copy_(inp)
     gathered = inp.new_empty(width * p)
-    dist.all_gather_into_tensor(gathered, mine, group=tp.group)
+    tp.wait(dist.all_gather_into_tensor(gathered, mine, group=tp.group, async_op=True), None)
     for c in range(p):
         out[bounds[c]:bounds[c + 1]].copy_(gathered[c * width: c * width + bounds[c + 1] - bounds[c]])
 
@@ -66,14 +70,14 @@ def native_all_gather(tp: Transport, out, inp, tuning) -> None:
 @register("all_to_all", "native")
 def native_all_to_all(tp: Transport, out, inp, out_splits, in_splits, tuning) -> None:
     tp.stats.bytes_sent += (inp.numel() - in_splits[tp.rank]) * inp.element_size()
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=tp.group)
+    tp.wait(dist.all_to_all_single(out, inp, out_splits, in_splits, group=tp.group, async_op=True), None)
 
 
 @register("broadcast", "native")
 def native_broadcast(tp: Transport, flat, src, tuning) -> None:
     if tp.rank == src:
         tp.stats.bytes_sent += flat.numel() * flat.element_size()
-    dist.broadcast(flat, src=dist.get_global_rank(tp.group, src), group=tp.group)
+    tp.wait(dist.broadcast(flat, src=dist.get_global_rank(tp.group, src), group=tp.group, async_op=True), None)
 
 
 def _ring_bytes(t: torch.Tensor, p: int, phases: int) -> int:

@@ -1,18 +1,28 @@
 """Point-to-point transport that every hand-written collective sends through.
 
 A `Transport` binds one process group: it knows this rank's position in the
-group, translates group ranks to the global ranks that `P2POp` wants, posts
-sends and receives together with `batch_isend_irecv` (so NCCL sees one group
-call and cannot deadlock on ordering), skips empty messages, and counts the
-bytes this rank puts on the wire.
+group, translates group ranks to the global ranks that torch.distributed wants,
+posts sends and receives (on NCCL together with `batch_isend_irecv`, so NCCL
+sees one group call and cannot deadlock on ordering; gloo posts them one by
+one anyway), skips empty messages, and counts the bytes this rank puts on the wire.
+
+Hang detection (see timeouts.py): while `deadline` is set, every wait gives up
+at that time and a failed post or wait raises `PeerFailure` naming the peer.
+This needs gloo, whose waits block the host. On NCCL a wait only orders
+streams, so it is left alone there and NCCL's watchdog enforces the process
+group's timeout instead.
 """
 
 from __future__ import annotations
 
+import datetime
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .timeouts import PeerFailure
 
 
 @dataclass
@@ -40,11 +50,15 @@ class Transport:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
-        self._global = dist.get_process_group_ranks(self.group)
+        self.global_ranks: list[int] = dist.get_process_group_ranks(self.group)
         self.stats = stats if stats is not None else CommStats()
         # Extra groups over the same ranks: each is its own connection (and, on
         # gloo, its own I/O thread), so segments striped over them travel in parallel.
         self.channels = [self.group] + list(channels or [])
+        self.deadline: float | None = None
+        """time.monotonic() by which the running collective must finish; None: wait forever."""
+        # gloo posts one message at a time anyway; posting them here tells which peer a failure is for
+        self._batch = "nccl" in str(dist.get_backend(self.group)).lower()
 
     def post(self, sends=(), recvs=(), channel: int = 0) -> Pending:
         """Posts sends [(tensor, dst)] and receives [(tensor, src)], group ranks.
@@ -53,19 +67,39 @@ class Transport:
         receiver derive the same sizes, so both sides skip the same messages.
         """
         group = self.channels[channel % len(self.channels)]
-        ops = []
-        for tensor, src in recvs:
-            if tensor.numel():
-                ops.append(dist.P2POp(dist.irecv, tensor, self._global[src], group))
-        for tensor, dst in sends:
-            if tensor.numel():
-                ops.append(dist.P2POp(dist.isend, tensor, self._global[dst], group))
-                self.stats.bytes_sent += tensor.numel() * tensor.element_size()
-        if not ops:
-            return Pending([], [])
-        works = dist.batch_isend_irecv(ops)
-        n_recv = sum(1 for t, _ in recvs if t.numel())
-        return Pending(works[:n_recv], works[n_recv:])
+        recvs = [(t, self.global_ranks[src]) for t, src in recvs if t.numel()]
+        sends = [(t, self.global_ranks[dst]) for t, dst in sends if t.numel()]
+        for t, _ in sends:
+            self.stats.bytes_sent += t.numel() * t.element_size()
+        if self._batch:
+            if not recvs and not sends:
+                return Pending(self, [], [])
+            ops = [dist.P2POp(dist.irecv, t, src, group) for t, src in recvs]
+            ops += [dist.P2POp(dist.isend, t, dst, group) for t, dst in sends]
+            works = dist.batch_isend_irecv(ops)
+            n = len(recvs)
+            return Pending(self, [(w, None) for w in works[:n]], [(w, None) for w in works[n:]])
+        return Pending(self, [(self._start(dist.irecv, t, src, group), src) for t, src in recvs],
+                       [(self._start(dist.isend, t, dst, group), dst) for t, dst in sends])
+
+    def _start(self, fn, tensor, peer: int, group):
+        try:
+            return fn(tensor, peer, group=group)
+        except RuntimeError as e:  # gloo refuses to post on a connection that broke
+            if self.deadline is None:
+                raise
+            raise PeerFailure.from_error(e, [peer], self.deadline) from None
+
+    def wait(self, work, peer: int | None) -> None:
+        """Waits for `work` (a message to or from global rank `peer`) until the deadline."""
+        if self.deadline is None or self._batch:
+            work.wait()
+            return
+        left = self.deadline - time.monotonic()
+        try:  # a zero timeout would mean "no timeout" to torch
+            work.wait(datetime.timedelta(seconds=max(left, 1e-3)))
+        except RuntimeError as e:
+            raise PeerFailure.from_error(e, None if peer is None else [peer], self.deadline) from None
 
     def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
         """Blocking exchange: send `send` to dst while receiving `recv` from src."""
@@ -73,21 +107,21 @@ class Transport:
 
 
 class Pending:
-    """Posted receives and sends; a receive's data is usable after `wait_recvs`,
-    a sent buffer may be overwritten after `wait_sends`."""
+    """Posted receives and sends, each (work, global peer rank); a receive's data is
+    usable after `wait_recvs`, a sent buffer may be overwritten after `wait_sends`."""
 
-    __slots__ = ("recvs", "sends")
+    __slots__ = ("tp", "recvs", "sends")
 
-    def __init__(self, recvs, sends):
-        self.recvs, self.sends = recvs, sends
+    def __init__(self, tp: Transport, recvs, sends):
+        self.tp, self.recvs, self.sends = tp, recvs, sends
 
     def wait_recvs(self) -> None:
-        for w in self.recvs:
-            w.wait()
+        for w, peer in self.recvs:
+            self.tp.wait(w, peer)
 
     def wait_sends(self) -> None:
-        for w in self.sends:
-            w.wait()
+        for w, peer in self.sends:
+            self.tp.wait(w, peer)
 
     def wait(self) -> None:
         self.wait_recvs()

@@ -47,6 +47,8 @@ BAD = [
     (["model.moe.num_experts=6", "parallel.ep_size=4"], ["model.moe.num_experts=6", "parallel.ep_size=4"]),
     (["model.moe.num_experts=4", "parallel.ep_size=4"], ["parallel.ep_size=4", "world size 2"]),  # WORLD_SIZE=2
     (["engine=accelerate", "parallel=zero1"], ["engine=accelerate", "parallel=zero1"]),
+    (["engine=accelerate", "parallel=zero3"], ["engine=accelerate", "parallel=zero3", "needs a GPU"]),
+    (["engine=deepspeed", "precision=fp16"], ["engine=deepspeed", "precision=fp16", "needs a GPU"]),
     (["trainer.resume=/no/such/step_3"], ["trainer.resume", "/no/such/step_3"]),
     (["trainer.device=cuda"], ["trainer.device=cuda"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite", "ignore"]),
@@ -61,7 +63,7 @@ def _compose(overrides):
 
 @pytest.mark.parametrize("overrides, words", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_configuration_is_refused_naming_key_and_value(monkeypatch, tmp_path, overrides, words):
-    if overrides == ["trainer.device=cuda"] and __import__("torch").cuda.is_available():
+    if __import__("torch").cuda.is_available() and any(w in ("needs a GPU", "trainer.device=cuda") for w in words):
         pytest.skip("a GPU is visible")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would for 2 ranks
     with pytest.raises(ConfigError) as e:

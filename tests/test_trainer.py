@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer import checkpoint
+from trainer.structured import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "trainer.micro_batch_size=4", "trainer.progress=false", "optim.warmup_steps=2"]
@@ -67,24 +68,24 @@ def test_two_ranks_train_log_evaluate_checkpoint(tmp_path, cache):
 
 
 def test_resume_sees_exactly_the_uninterrupted_run(tmp_path, cache):
-    common = TINY + [f"data.cache_dir={cache}", "trainer.max_steps=20", "trainer.log_every=2",
+    common = TINY + [f"data.cache_dir={cache}", "trainer.max_steps=12", "trainer.log_every=2",
                      "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.grad_accum=2",
                      "attention=performer", "attention.redraw_interval=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _ok(_run(common + [f"hydra.run.dir={straight}"], n=2))
-    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.stop_after_steps=10"], n=2))
-    assert [s for s, _ in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [10]
-    with open(resumed / "metrics.jsonl", "a") as fh:  # what a launch dying after step 12 leaves
-        fh.write('{"step": 12, "loss": 99.0}\n{"step": 14, "lo')
+    _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.stop_after_steps=6"], n=2))
+    assert [s for s, _ in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [6]
+    with open(resumed / "metrics.jsonl", "a") as fh:  # what a launch dying after step 8 leaves
+        fh.write('{"step": 8, "loss": 99.0}\n{"step": 10, "lo')
     _ok(_run(common + [f"hydra.run.dir={resumed}", "trainer.resume=auto"], n=2))
-    a = torch.load(straight / "checkpoints/step_20/model.pt")
-    b = torch.load(resumed / "checkpoints/step_20/model.pt")
+    a = torch.load(straight / "checkpoints/step_12/model.pt")
+    b = torch.load(resumed / "checkpoints/step_12/model.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     la = {r["step"]: r["loss"] for r in _metrics(straight)}
     lb = {r["step"]: r["loss"] for r in _metrics(resumed)}
-    assert lb == la  # steps 2..10 from the first launch, 12..20 from the resumed one
+    assert lb == la  # steps 2..6 from the first launch, 8..12 from the resumed one
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,9 @@ def zero_runs(tmp_path_factory, cache):
     return get
 
 
-@pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# every stage on 2 ranks and stage 3 on 4 through the trainer; tests/test_zero.py checks every
+# stage on 2, 3 and 4 ranks against a single process inside the worker pools
+@pytest.mark.parametrize("n, stage", [(2, 1), (2, 2), (2, 3), (4, 3)])
 def test_zero_follows_ddp(cache, ddp_trajectories, zero_runs, n, stage):
     tmp_path = zero_runs(n, stage)
     ref_rows, ref_model = ddp_trajectories[n]
@@ -225,15 +227,14 @@ def test_zero3_resume_is_exact(tmp_path, cache, zero_runs):
 
 
 @pytest.mark.parametrize("stage", [3])  # stages 1 and 2 write their optimizer the same way
-def test_zero_resume_on_another_world_size(tmp_path, cache, stage):
-    # 4 ranks x 2 sequences, then 2 ranks x 4: the same global batches, so the resumed run
-    # must continue the uninterrupted 4-rank trajectory (up to the order of the sums)
-    common = TRAJECTORY + [f"data.cache_dir={cache}", f"parallel=zero{stage}", "trainer.log_every=2"]
-    straight, resharded = tmp_path / "straight", tmp_path / "resharded"
-    _ok(_run(common + ["trainer.micro_batch_size=2", f"hydra.run.dir={straight}"], n=4))
-    _ok(_run(common + ["trainer.micro_batch_size=2", "trainer.stop_after_steps=10",
-                       f"hydra.run.dir={resharded}"], n=4))
-    _ok(_run(common + ["trainer.micro_batch_size=4", "trainer.resume=auto", f"hydra.run.dir={resharded}"], n=2))
+def test_zero_resume_on_another_world_size(tmp_path, cache, zero_runs, stage):
+    # 4 ranks x 2 sequences x 2 micro-steps, then 2 ranks x 4 x 2: the same global batches, so
+    # the resumed run must continue the uninterrupted 4-rank trajectory (up to the order of sums)
+    common = ZERO + [f"data.cache_dir={cache}", f"parallel=zero{stage}"]
+    straight, resharded = zero_runs(4, stage), tmp_path / "resharded"
+    _ok(_run(common + ["trainer.stop_after_steps=10", f"hydra.run.dir={resharded}"], n=4))
+    _ok(_run([a for a in common if a != "trainer.micro_batch_size=2"] +
+             ["trainer.micro_batch_size=4", "trainer.resume=auto", f"hydra.run.dir={resharded}"], n=2))
     la = {r["step"]: r["loss"] for r in _metrics(straight)}
     lb = {r["step"]: r["loss"] for r in _metrics(resharded)}
     assert la.keys() == lb.keys() and max(abs(la[k] - lb[k]) / la[k] for k in la) <= 1e-5
@@ -256,11 +257,8 @@ def test_deepspeed_engine_follows_native_zero(tmp_path, cache, zero_runs):
 
 @pytest.mark.parametrize("parallel", ["ddp", "zero3"])
 def test_accelerate_engine_follows_native(tmp_path, cache, zero_runs, ddp_trajectories, parallel):
-    if parallel == "zero3" and not torch.cuda.is_available():  # Accelerate's FSDP wants a GPU
-        r = _run(ZERO + [f"data.cache_dir={cache}", "parallel=zero3", "engine=accelerate",
-                         f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
-        assert r.returncode != 0 and "needs a GPU" in r.stdout + r.stderr
-        return
+    if parallel == "zero3" and not torch.cuda.is_available():
+        pytest.skip("Accelerate runs FSDP on GPUs only; the refusal is in tests/test_robustness.py's table")
     _ok(_run(ZERO + [f"data.cache_dir={cache}", f"parallel={parallel}", "engine=accelerate",
                      f"hydra.run.dir={tmp_path}"], n=2))
     ref = ddp_trajectories[2][0] if parallel == "ddp" else _metrics(zero_runs(2, 3))
@@ -268,14 +266,6 @@ def test_accelerate_engine_follows_native(tmp_path, cache, zero_runs, ddp_trajec
     assert len(got) == len(ref) == 20
     assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(got, ref)) <= 1e-5
     assert (tmp_path / "checkpoints" / "step_20" / "accelerate").is_dir()
-
-
-def test_engine_and_stage_that_do_not_exist_are_refused(tmp_path):
-    r = _run(["engine=accelerate", "parallel=zero1", f"hydra.run.dir={tmp_path}"], n=2, timeout=120)
-    assert r.returncode != 0 and "engine=accelerate with parallel=zero1" in r.stdout + r.stderr
-    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16
-        r = _run(["engine=deepspeed", "precision=fp16", f"hydra.run.dir={tmp_path / 'fp16'}"], timeout=120)
-        assert r.returncode != 0 and "engine=deepspeed with precision=fp16 needs a GPU" in r.stdout + r.stderr
 
 
 def test_checkpoint_of_another_model_or_missing_shard_is_refused(tmp_path, cache, zero_runs):
@@ -287,11 +277,8 @@ def test_checkpoint_of_another_model_or_missing_shard_is_refused(tmp_path, cache
     import shutil
     shutil.copytree(ckpt, broken)
     next((broken / "optimizer").glob("__1_*.distcp")).unlink()  # rank 1's optimizer shard
-    r = _run(ZERO + base[:-1] + [f"trainer.resume={broken}", f"hydra.run.dir={tmp_path / 'missing'}"], n=2,
-             timeout=120)
-    out = r.stdout + r.stderr
-    assert r.returncode != 0 and "damaged checkpoint: optimizer/__1_0.distcp is missing" in out, out[-2000:]
-    assert not (tmp_path / "missing" / "metrics.jsonl").exists()  # nothing started, nothing written
+    with pytest.raises(ConfigError, match="damaged checkpoint: optimizer/__1_0.distcp is missing"):
+        checkpoint.load(broken, model=torch.nn.Linear(1, 1), rank=0, world_size=2, device=torch.device("cpu"))
 
 
 def test_fp16_logs_the_loss_scale_and_resume_restores_the_scaler(tmp_path, cache):
@@ -347,7 +334,3 @@ def test_moe_on_2x2_ranks_follows_one_rank_with_the_full_batch(tmp_path, cache, 
     assert x.keys() == y.keys()  # the consolidated file holds every expert
     for k in y:
         torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5)
-    if parallel == "ddp":
-        r = _run(TINY + [f"data.cache_dir={cache}", "model.moe.num_experts=4", "parallel.ep_size=4",
-                         f"hydra.run.dir={tmp_path / 'bad'}"], n=2, timeout=120)
-        assert r.returncode != 0 and "parallel.ep_size=4 must divide the world size 2" in r.stdout + r.stderr

@@ -29,19 +29,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$RINGTRAIN_ROOT"
 
-nproc=${NPROC_PER_NODE:-${NPROC:-}}
-max_restarts=${MAX_RESTARTS:-0}
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --nproc-per-node | --nproc_per_node) nproc=${2:?$1 needs a value}; shift 2 ;;
-        --nproc-per-node=* | --nproc_per_node=*) nproc=${1#*=}; shift ;;
-        --max-restarts | --max_restarts) max_restarts=${2:?$1 needs a value}; shift 2 ;;
-        --max-restarts=* | --max_restarts=*) max_restarts=${1#*=}; shift ;;
-        --) shift; break ;;
-        *) break ;;
-    esac
-done
-[[ "$max_restarts" =~ ^[0-9]+$ ]] || rt_die "max restarts must be a non-negative integer, got '$max_restarts'"
+rt_node_flags "$@"
+set -- "${RT_REST[@]+"${RT_REST[@]}"}"
 nnodes=${NNODES:-1}
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || rt_die "NNODES must be a positive integer for accelerate launch, got '$nnodes'"
 if [[ -z "$nproc" ]]; then

@@ -42,6 +42,25 @@ rt_gpu_present() {  # an NVIDIA GPU this node can see (nvidia-smi lists one)
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
 }
 
+rt_node_flags() {  # rt_node_flags ARGS...: the leading --nproc-per-node / --max-restarts flags
+    # (defaults NPROC_PER_NODE, MAX_RESTARTS) into nproc and max_restarts; the rest, the Hydra
+    # overrides, untouched into the array RT_REST
+    nproc=${NPROC_PER_NODE:-${NPROC:-}}
+    max_restarts=${MAX_RESTARTS:-0}
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nproc-per-node | --nproc_per_node) nproc=${2:?$1 needs a value}; shift 2 ;;
+            --nproc-per-node=* | --nproc_per_node=*) nproc=${1#*=}; shift ;;
+            --max-restarts | --max_restarts) max_restarts=${2:?$1 needs a value}; shift 2 ;;
+            --max-restarts=* | --max_restarts=*) max_restarts=${1#*=}; shift ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
+    RT_REST=("$@")
+    [[ "$max_restarts" =~ ^[0-9]+$ ]] || rt_die "max restarts must be a non-negative integer, got '$max_restarts'"
+}
+
 rt_default_nproc() {  # one process per visible GPU (torchrun's "gpu"), else 2 CPU processes
     if rt_gpu_present; then echo gpu; else echo 2; fi
 }

@@ -14,18 +14,16 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.config import AttentionConfig, ModelConfig
-from models.transformer import DecoderLM
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
 from parallel.process_group import init_distributed, shutdown
+
+from .bench_common import model_and_batch, timed_steps
 
 
 def _args():
@@ -84,28 +82,14 @@ def main() -> None:
     ctx = init_distributed()
     try:
         device = ctx.device
-        torch.manual_seed(0)
-        base = DecoderLM(ModelConfig(seq_len=a.seq_len, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads),
-                         AttentionConfig(kind=a.attention)).to(device)
+        base, x, y = model_and_batch(a, ctx.rank, device)
         engines, comms = _engines(base, [s for s in a.algorithms.split(",") if s], a.bucket_mb, device)
-        g = torch.Generator().manual_seed(1 + ctx.rank)
-        x = torch.randint(0, 256, (a.batch, a.seq_len), generator=g).to(device)
-        y = torch.randint(0, 256, (a.batch, a.seq_len), generator=g).to(device)
         tokens = a.steps * a.batch * a.seq_len * ctx.world_size
         rates: dict[str, list[float]] = {name: [] for name in engines}
         for _trial in range(a.trials):
             for name, step in engines.items():
-                for _ in range(a.warmup):
-                    step(x, y)
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(a.steps):
-                    step(x, y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
-                rates[name].append(tokens / elapsed.item())
+                seconds, _ = timed_steps(step, x, y, warmup=a.warmup, steps=a.steps, device=device)
+                rates[name].append(tokens / seconds)
         if ctx.rank == 0:
             ref = statistics.median(rates["torch DDP"])
             n_params = sum(p.numel() for p in base.parameters())

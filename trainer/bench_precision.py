@@ -16,13 +16,10 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from models.config import AttentionConfig, ModelConfig
 from models.transformer import DecoderLM
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
@@ -31,6 +28,7 @@ from parallel.precision import PrecisionPolicy, unscale_clip_step
 from parallel.process_group import init_distributed, shutdown
 from parallel.zero import apply_zero
 
+from .bench_common import model_and_batch, timed_steps
 from .mfu import measure_matmul_flops, peak_flops
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -105,19 +103,10 @@ class Engine:
 
 def _timed_trial(eng: Engine, x, y, a, device) -> tuple[float, int]:
     """(seconds of the slowest rank for a.steps steps, overflowed steps among them)"""
-    for _ in range(a.warmup):
-        eng.step(x, y)
     skipped0 = eng.skipped
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        loss = eng.step(x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
+    seconds, loss = timed_steps(eng.step, x, y, warmup=a.warmup, steps=a.steps, device=device)
     eng.loss = loss.item()
-    return elapsed.item(), eng.skipped - skipped0
+    return seconds, eng.skipped - skipped0
 
 
 def main() -> None:
@@ -125,13 +114,8 @@ def main() -> None:
     ctx = init_distributed()
     try:
         device = ctx.device
-        torch.manual_seed(0)
-        base = DecoderLM(ModelConfig(seq_len=a.seq_len, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads),
-                         AttentionConfig(kind=a.attention)).to(device)
+        base, x, y = model_and_batch(a, ctx.rank, device)  # each rank its own batch, the same for every engine
         engines = {(par, prec): Engine(base, par, prec, a, device) for par in a.parallel for prec in a.precisions}
-        g = torch.Generator().manual_seed(1 + ctx.rank)  # each rank its own batch, the same for every engine
-        x = torch.randint(0, 256, (a.batch, a.seq_len), generator=g).to(device)
-        y = torch.randint(0, 256, (a.batch, a.seq_len), generator=g).to(device)
         tokens = a.steps * a.batch * a.seq_len * ctx.world_size
         rates = {k: [] for k in engines}
         skipped = dict.fromkeys(engines, 0)

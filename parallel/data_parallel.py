@@ -364,14 +364,21 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 @torch.no_grad()
-def broadcast_module_state(module: nn.Module, comm: Communicator, src: int = 0, *,
-                           only: list[torch.Tensor] | None = None, skip: set[int] = frozenset()) -> None:
-    """Makes every rank's parameters and buffers (or just `only`; never those whose id is in
-    `skip`) equal to rank `src`'s, one message per dtype."""
+def broadcast_module_state(module: nn.Module, comm: Communicator, *, expert_params: list[nn.Parameter] = (),
+                           expert_comm: Communicator | None = None) -> None:
+    """Makes every rank's parameters and buffers equal to its group's first rank's, one
+    message per dtype: over `comm`, except `expert_params` (each rank's slice of the
+    experts, after apply_expert_parallel), which go over `expert_comm`, the ranks that
+    hold the same experts."""
+    experts = {id(p) for p in expert_params}
+    _broadcast([t for t in list(module.parameters()) + list(module.buffers()) if id(t) not in experts], comm)
+    if experts:
+        _broadcast(list(expert_params), expert_comm)
+
+
+def _broadcast(tensors: list[torch.Tensor], comm: Communicator, src: int = 0) -> None:
     if comm.world_size == 1:
         return
-    tensors = list(only) if only is not None else list(module.parameters()) + list(module.buffers())
-    tensors = [t for t in tensors if id(t) not in skip]
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
@@ -395,10 +402,7 @@ def apply_ddp(model: nn.Module, group=None, *, algorithm: str = "ring", bucket_m
     `expert_params` (after apply_expert_parallel): replicated and reduced over
     `expert_comm` only; `ep_comm` gathers them for consolidated checkpoints."""
     comm = comm or Communicator(group, algorithm=algorithm)
-    experts = {id(p) for p in expert_params}
-    broadcast_module_state(model, comm, skip=experts)
-    if experts:
-        broadcast_module_state(model, expert_comm, only=list(expert_params))
+    broadcast_module_state(model, comm, expert_params=expert_params, expert_comm=expert_comm)
     return DataParallel(model, comm, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
                         find_unused_parameters=find_unused_parameters, param_dtype=param_dtype,
                         reduce_dtype=reduce_dtype, expert_params=expert_params, expert_comm=expert_comm,

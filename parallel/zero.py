@@ -594,10 +594,7 @@ def apply_zero(model: nn.Module, group=None, *, stage: int, param_groups: list[d
     `expert_params` (after apply_expert_parallel): sharded over `expert_comm` only; `ep_comm`
     gathers them for consolidated checkpoints."""
     comm = comm or Communicator(group, algorithm=algorithm)
-    experts = {id(q) for q in expert_params}
-    broadcast_module_state(model, comm, skip=experts)
-    if experts:
-        broadcast_module_state(model, expert_comm, only=list(expert_params))
+    broadcast_module_state(model, comm, expert_params=expert_params, expert_comm=expert_comm)
     return ZeroModel(model, comm, stage=stage, param_groups=param_groups, bucket_mb=bucket_mb, blocks=blocks,
                      param_dtype=param_dtype, reduce_dtype=reduce_dtype, expert_params=expert_params,
                      expert_comm=expert_comm, ep_comm=ep_comm)

@@ -156,7 +156,7 @@ def save(ckpt_root: Path, step: int, *, model_state: dict | None, save_optimizer
 
 
 def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, device: torch.device,
-         parallel: str | None = None, ep_size: int = 1) -> tuple[int, dict, bool]:
+         parallel: str | None = None, ep_size: int = 1, verify_files: bool = True) -> tuple[int, dict, bool]:
     """Loads the model and this rank's state from a complete checkpoint; returns (step,
     rank state, resharded). With another world size every rank takes rank 0's state
     (sampler positions differ only by rank; the caller converts them). Raises ConfigError
@@ -164,7 +164,7 @@ def load(path: Path, *, model: torch.nn.Module, rank: int, world_size: int, devi
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"trainer.resume={str(path)!r}: not a complete checkpoint (no meta.json)")
-    problem = verify(path)
+    problem = verify(path) if verify_files else None  # False: `latest` has just checked it
     if problem is not None:
         raise ConfigError(f"trainer.resume={str(path)!r}: damaged checkpoint: {problem}")
     meta = json.loads(meta_path.read_text())

@@ -135,7 +135,8 @@ def _train(tc: TrainConfig, resolved: dict, run_dir: Path, ctx) -> dict:
     if resume is not None:
         start_step, rank_state, resharded = checkpoint.load(resume, model=model, rank=ctx.rank,
                                                             world_size=ctx.world_size, device=device,
-                                                            parallel=tc.parallel.name, ep_size=tc.parallel.ep_size)
+                                                            parallel=tc.parallel.name, ep_size=tc.parallel.ep_size,
+                                                            verify_files=tc.trainer.resume != "auto")
 
     # parallelisms, in the order they must compose: expert parallelism first keeps this
     # rank's slice of every MoE layer's experts (all ranks built the same full set);

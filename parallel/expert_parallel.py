@@ -19,11 +19,12 @@ of one layer then runs:
 The row all-to-alls are autograd Functions whose backward is the reverse all-to-all, so input,
 router and expert gradients flow as in the local layer. An expert's weight gradient on rank r
 sums over the tokens of every ep rank; averaging it further over data-parallel replicas of the
-same experts (Topology.expert_dp) is the data-parallel wrapper's job - the expert weights are
-`model.expert_parameters()` and carry `p._ringtrain_expert = True`. The router stays replicated.
+same experts (the mesh's expert_dp group) is the data-parallel wrapper's job, which finds the expert
+weights through the same duck-typed layers (parallel/flat_model.py `find_expert_parameters`). The
+router stays replicated.
 
-All traffic (counts and rows, forward and backward) goes through one Communicator, by default a
-dedicated one, so its `stats` (bytes_sent, wait_s, calls) are the MoE all-to-all's.
+All traffic (counts and rows, forward and backward) goes through the one Communicator given, so its
+`stats` (bytes_sent, wait_s, calls) are the MoE all-to-all's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .collectives import Communicator
@@ -102,23 +102,16 @@ class ExpertDispatch:
         return AllToAllRows.apply(y_local[inverse], self.comm, recv_rows, send_rows)
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None, *,
-                          comm: Communicator | None = None, algorithm: str = "ring") -> Communicator:
-    """Shards the experts of every MoE layer of `model` over `ep_group` (None = the world) and routes
-    their tokens by all-to-all; ep rank r keeps experts [r*E/ep, (r+1)*E/ep). Sends nothing itself:
-    every rank must hold the same full set of experts before the call (same seed).
-
-    Returns the Communicator that carries the all-to-alls: `comm` when given (its group is then the
-    ep group), else a new one over ep_group with `algorithm`; read its `stats`, close it at the end.
-    Note: Topology.ep is the whole world when parallel.ep_size is 1; skip this call then.
-    """
-    ep_size = comm.world_size if comm is not None else dist.get_world_size(ep_group)
+def apply_expert_parallel(model: nn.Module, comm: Communicator) -> None:
+    """Shards the experts of every MoE layer of `model` over the ranks of `comm` (the ep group) and
+    routes their tokens by all-to-all through it; ep rank r keeps experts [r*E/ep, (r+1)*E/ep).
+    Sends nothing itself: every rank must hold the same full set of experts before the call (same
+    seed). `comm.stats` then counts the MoE all-to-all traffic."""
+    ep_size = comm.world_size
     # Duck-typed (DESIGN: parallel never imports models): an MoE layer is what has shard_experts.
     layers = [m for m in model.modules() if callable(getattr(m, "shard_experts", None))]
     for E in {layer.num_experts for layer in layers} or {0}:
         check_expert_parallel(E, ep_size)
-    comm = comm if comm is not None else Communicator(ep_group, algorithm=algorithm)
     for layer in layers:
         n_local = layer.num_experts // ep_size
         layer.shard_experts(comm.rank * n_local, n_local, ExpertDispatch(comm, layer.num_experts))
-    return comm

@@ -14,7 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import AttentionConfig, ModelConfig
 
 from .data.config import DataConfig
-from .structured import ConfigError, build
+from .structured import ConfigError, build, require
+
+
+ZERO_STAGES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
 
 @dataclass
@@ -43,14 +46,16 @@ class ParallelConfig:
     """A collective that cannot finish within this many seconds (a rank stuck or gone) stops every
     other rank with one line naming the collective, its sequence number and the missing rank(s)."""
 
+    @property
+    def zero_stage(self) -> int:
+        """0 for ddp, N for zeroN."""
+        return ZERO_STAGES[self.name]
+
     def validate(self) -> None:
         for k in ("bucket_mb", "first_bucket_mb", "segment_mb", "timeout_s"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"parallel.{k} must be > 0, got {getattr(self, k)}")
-        if self.ep_size < 1:
-            raise ValueError(f"parallel.ep_size must be >= 1, got {self.ep_size}")
-        if self.window < 2:
-            raise ValueError(f"parallel.window must be >= 2, got {self.window}")
+            require(getattr(self, k) > 0, f"parallel.{k}", "be > 0", getattr(self, k))
+        require(self.ep_size >= 1, "parallel.ep_size", "be >= 1", self.ep_size)
+        require(self.window >= 2, "parallel.window", "be >= 2", self.window)
 
 
 @dataclass
@@ -113,19 +118,13 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables clipping (the norm is still logged)."""
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.lr > 0, "optim.lr", "be > 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "be in [0, 1]", self.min_lr_ratio)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "be >= 0", self.warmup_steps)
+        require(self.weight_decay >= 0, "optim.weight_decay", "be >= 0", self.weight_decay)
         for k in ("beta1", "beta2"):
-            if not 0 <= getattr(self, k) < 1:
-                raise ValueError(f"optim.{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+            require(0 <= getattr(self, k) < 1, f"optim.{k}", "be in [0, 1)", getattr(self, k))
+        require(self.grad_clip >= 0, "optim.grad_clip", "be >= 0", self.grad_clip)
 
 
 @dataclass
@@ -146,9 +145,8 @@ class LoggerConfig:
     """wandb tags."""
 
     def validate(self) -> None:
-        known = ("trainer.loggers.ConsoleLogger", "trainer.loggers.WandbLogger")
-        if self._target_ not in known:
-            raise ValueError(f"logger._target_={self._target_!r} is not one of {list(known)}")
+        known = ["trainer.loggers.ConsoleLogger", "trainer.loggers.WandbLogger"]
+        require(self._target_ in known, "logger._target_", f"be one of {known}", self._target_)
 
 
 @dataclass
@@ -189,15 +187,13 @@ class LoopConfig:
 
     def validate(self) -> None:
         for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
+            require(getattr(self, k) >= 1, f"trainer.{k}", "be >= 1", getattr(self, k))
         for k in ("eval_every", "ckpt_every", "keep_last"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"trainer.{k} must be >= 0, got {getattr(self, k)}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f"trainer.stop_after_steps must be >= 1, got {self.stop_after_steps}")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise ValueError(f"trainer.peak_tflops must be > 0, got {self.peak_tflops}")
+            require(getattr(self, k) >= 0, f"trainer.{k}", "be >= 0", getattr(self, k))
+        require(self.stop_after_steps is None or self.stop_after_steps >= 1, "trainer.stop_after_steps",
+                "be >= 1 or null", self.stop_after_steps)
+        require(self.peak_tflops is None or self.peak_tflops > 0, "trainer.peak_tflops", "be > 0 or null",
+                self.peak_tflops)
 
 
 @dataclass
@@ -225,17 +221,46 @@ class TrainConfig:
     or accelerate (Accelerate's DDP, or FSDP for zero2 / zero3), for comparison."""
 
     def validate(self) -> None:
-        from parallel.expert_parallel import check_expert_parallel
-
-        check_expert_parallel(self.model.moe.num_experts, self.parallel.ep_size)  # names both keys
-        if self.parallel.ep_size > 1 and self.engine != "native":
-            raise ValueError(f"parallel.ep_size={self.parallel.ep_size} (expert parallelism) runs with engine=native; "
+        """Checks across groups; each group's own fields were checked by its validate()."""
+        ep, experts = self.parallel.ep_size, self.model.moe.num_experts
+        if ep > 1 and experts < 1:
+            raise ValueError(f"parallel.ep_size={ep} needs MoE layers; model.moe.num_experts is {experts}")
+        if experts % ep:
+            raise ValueError(f"model.moe.num_experts={experts} must be divisible by parallel.ep_size={ep}")
+        if ep > 1 and self.engine != "native":
+            raise ValueError(f"parallel.ep_size={ep} (expert parallelism) runs with engine=native; "
                              f"got engine={self.engine} (with parallel.ep_size=1 every engine takes MoE models)")
         if self.engine == "accelerate" and self.parallel.name == "zero1":
             raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
                              "through FSDP: use parallel=ddp, zero2 or zero3)")
-        if self.attention.rope and (self.model.d_model // self.model.n_heads) % 2:
-            raise ValueError("attention.rope needs an even head dim (model.d_model / model.n_heads)")
+        self.model.validate(self.attention)  # the model / attention pair (RoPE head dim, GAU without MLP)
+
+
+def check_launch(tc: TrainConfig, *, world_size: int, cuda: bool) -> None:
+    """What the config asks of this machine and launch, checked before any process group:
+    raises ConfigError naming the keys and values."""
+    want_cuda = uses_cuda(tc, cuda)
+    problems = [
+        (tc.trainer.device == "cuda" and not cuda, "trainer.device=cuda but no CUDA device is visible"),
+        (tc.parallel.backend == "nccl" and not want_cuda,
+         "parallel.backend=nccl needs CUDA GPUs (trainer.device cuda or auto with a GPU visible); use gloo or auto"),
+        (tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda,
+         f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which needs a GPU "
+         "(Accelerate refuses FSDP on CPU); use parallel=ddp here"),
+        (tc.engine == "deepspeed" and tc.precision.name == "fp16" and not want_cuda,
+         "engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+         "use precision=bf16, or engine=native for fp16 with loss scaling on CPU"),
+        (world_size % tc.parallel.ep_size != 0,
+         f"parallel.ep_size={tc.parallel.ep_size} must divide the world size {world_size}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
+def uses_cuda(tc: TrainConfig, cuda: bool) -> bool:
+    """Whether this run trains on GPUs (trainer.device, with auto = cuda when one is visible)."""
+    return tc.trainer.device == "cuda" or (tc.trainer.device == "auto" and cuda)
 
 
 def load_config(cfg: DictConfig | dict) -> TrainConfig:

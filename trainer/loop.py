@@ -1,59 +1,33 @@
-"""The training step, evaluation, and the loop that logs and checkpoints them."""
+"""The training loop: the engine's step, then each component in turn.
+
+    for step in range(start, end):
+        result = engine.train_step(batches, step)
+        for component in components:            # Metrics (with evaluation), Checkpointing, Progress
+            component.after_step(step + 1, result)
+
+`Metrics` keeps a window of steps and, every trainer.log_every steps and at evaluation
+steps, writes one record to metrics.jsonl and the logger (rank 0), with the validation
+loss when trainer.eval_every says so. `Checkpointing` saves through the one checkpointer
+every trainer.ckpt_every steps and at the end, and tells `Metrics` how long it took (saving
+is not training time). `Progress` is rank 0's bar. None of them asks which engine runs.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from parallel.loss_scale import DynamicLossScaler
-from parallel.precision import PrecisionPolicy, unscale_clip_step
+from parallel.collectives import Communicator
 
-from . import checkpoint
-from .config import TrainConfig
+from .checkpoint import CheckpointManager
+from .config import LoopConfig
 from .data import ShardedBatches, eval_batches
-from .optim import lr_at, set_lr
-
-log = logging.getLogger("ringtrain.train")
-
-
-@dataclass
-class RunState:
-    """Everything the loop needs, built by trainer.train."""
-
-    cfg: TrainConfig
-    ddp: torch.nn.Module          # parallel.data_parallel.DataParallel
-    optimizer: torch.optim.Optimizer
-    batches: ShardedBatches
-    val_tokens: object
-    device: torch.device
-    rank: int
-    world_size: int
-    run_dir: Path
-    flops_per_token: float
-    peak_flops: float
-    metrics_file: object          # rank 0 only, else None
-    logger: object                # rank 0 only, else None
-    policy: PrecisionPolicy = PrecisionPolicy.from_name("fp32")
-    scaler: DynamicLossScaler | None = None  # fp16 with the native engine
-    ep_comm: object = None                     # expert parallelism's all-to-all Communicator
-    skipped_nonfinite: int = 0                 # fp32/bf16 steps skipped for a non-finite loss (checkpointed)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps not applied (fp16 overflows, or non-finite losses skipped): the schedule ignores them."""
-        return self.scaler.state.skipped_steps if self.scaler else self.skipped_nonfinite
-
-
-class NonFiniteLossError(RuntimeError):
-    """trainer.on_nonfinite=stop and a rank's loss (or the gradients) became inf / nan."""
+from .engines import Engine, StepResult
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -64,169 +38,154 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_step(s: RunState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step: accumulation, scaled backward, averaged gradients, unscaling,
-    overflow check, clipping, update. Returns (mean micro-batch loss, global grad norm)."""
-    cfg, ddp, model = s.cfg, s.ddp, s.ddp.module
-    # a skipped (overflowed / non-finite) step does not advance the schedule
-    set_lr(s.optimizer, lr_at(step - s.skipped_steps, cfg.optim, cfg.trainer.max_steps))
-    model.set_step(step)  # Performer redraws its features here, identically on every rank
-    accum = cfg.trainer.grad_accum
-    scale = s.scaler.scale if s.scaler else 1.0  # fp16: keeps small gradients representable
-    loss_sum = torch.zeros((), device=s.device)
-    for micro in range(accum):
-        x, y = s.batches.next_batch()                     # (B, T) int64 each
-        x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
-        last = micro == accum - 1
-        # gradients of all but the last micro-step stay local; the last one's backward
-        # launches each bucket's all-reduce as soon as the bucket is complete
-        with (contextlib.nullcontext() if last else ddp.no_sync()):
-            with s.policy.autocast(s.device):
-                _, loss = ddp(x, y)                       # mean cross-entropy over B*T, float32
-            ddp.backward(loss * (scale / accum))
-        loss_sum += loss.detach()
-    ddp.finish_gradient_sync()                            # averaged over data-parallel ranks
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    if cfg.engine == "native":
-        # unscale, global norm (across shards under ZeRO), skip everywhere if any rank
-        # overflowed, clip, step on the float32 masters, refresh/all-gather the parameters
-        out = unscale_clip_step(ddp, s.scaler, max_norm=clip, loss=loss_sum,
-                                report_overflow=cfg.precision.report_overflow)
-        grad_norm = out.norm
-        if out.nonfinite and s.scaler is None:  # fp32 / bf16: no scale to lower
-            message = (f"non-finite loss at step {step + 1} on rank(s) {out.nonfinite_ranks}" if out.nonfinite_ranks
-                       else f"non-finite gradients at step {step + 1} (the loss was finite on every rank; "
-                            "averaging spreads one rank's inf to all)")
-            if cfg.trainer.on_nonfinite == "stop":
-                raise NonFiniteLossError(f"{message}; trainer.on_nonfinite=stop")
-            s.skipped_nonfinite += 1
-            if s.rank == 0:
-                log.warning(f"{message}: step skipped (trainer.on_nonfinite=skip, {s.skipped_nonfinite} so far)")
-    else:  # the engine scales, clips and steps itself
-        grad_norm = ddp.clip_grad_norm_(clip)
-        ddp.optimizer_step()
-    ddp.zero_grad()
-    return loss_sum / accum, grad_norm
+@dataclass
+class RunInfo:
+    """What the components need to know about the run, built by trainer.train."""
+
+    loop: LoopConfig
+    seq_len: int
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+    flops_per_token: float
+    peak_flops: float | None       # per device; None: no MFU (CPU without trainer.peak_tflops)
 
 
-@torch.no_grad()
-def evaluate(s: RunState) -> float:
+class Validator:
     """Mean validation loss over trainer.eval_batches micro-batches per rank, all ranks."""
-    model = s.ddp.module
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=s.device)  # (loss sum, batches)
-    for x, y in eval_batches(s.val_tokens, seq_len=s.cfg.model.seq_len,
-                             micro_batch_size=s.cfg.trainer.micro_batch_size, dp_rank=s.rank,
-                             dp_size=s.world_size, max_batches=s.cfg.trainer.eval_batches):
-        with s.policy.autocast(s.device):
-            _, loss = s.ddp(x.to(s.device), y.to(s.device))  # through the wrapper: FSDP must unshard
-        total[0] += loss.double()
-        total[1] += 1
-    s.ddp.comm.all_reduce(total, op="sum")
-    model.train()
-    return (total[0] / total[1].clamp_min(1)).item()
+
+    def __init__(self, engine: Engine, val_tokens, comm: Communicator, info: RunInfo):
+        self.engine, self.val_tokens, self.comm, self.info = engine, val_tokens, comm, info
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        i, model = self.info, self.engine.model
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=i.device)  # (loss sum, batches)
+        for x, y in eval_batches(self.val_tokens, seq_len=i.seq_len, micro_batch_size=i.loop.micro_batch_size,
+                                 dp_rank=i.dp_rank, dp_size=i.dp_size, max_batches=i.loop.eval_batches):
+            total[0] += self.engine.eval_loss(x, y).double()
+            total[1] += 1
+        self.comm.all_reduce(total, op="sum")
+        model.train()
+        return (total[0] / total[1].clamp_min(1)).item()
 
 
-def _scaler_metrics(s: RunState) -> dict:
-    """fp16: the loss scale and the overflow counters (DeepSpeed's own scale for engine=deepspeed);
-    fp32 / bf16: the steps skipped for a non-finite loss."""
-    if s.scaler is None and s.cfg.engine == "native":
-        return {"skipped_steps": s.skipped_nonfinite}
-    if s.scaler is not None:
-        st = s.scaler.state
-        return {"loss_scale": st.scale, "skipped_steps": st.skipped_steps,
-                "consecutive_overflows": st.consecutive_overflows}
-    engine_scale = getattr(s.ddp, "loss_scale", None)
-    return {"loss_scale": engine_scale()} if callable(engine_scale) and s.cfg.precision.name == "fp16" else {}
+class Metrics:
+    """Windowed step metrics; see the module docstring for when a record is written."""
+
+    def __init__(self, engine: Engine, comm: Communicator, info: RunInfo, validate: Validator, *,
+                 ep_comm: Communicator | None = None, sinks: tuple = ()):
+        self.engine, self.comm, self.info, self.validate, self.sinks = engine, comm, info, validate, sinks
+        self.ep_comm = ep_comm
+        t = info.loop
+        self.tokens_per_step = t.micro_batch_size * info.seq_len * t.grad_accum * info.dp_size
+        self.last: dict = {}
+        self._window = torch.zeros((), device=info.device)
+        self._reset()
+
+    def _counters(self) -> tuple[float, float, float, float]:
+        stats, a2a = self.engine.comm_stats(), self.ep_comm.stats if self.ep_comm is not None else None
+        return (stats.bytes_sent if stats else 0.0, stats.wait_s if stats else 0.0,
+                a2a.bytes_sent if a2a else 0.0, a2a.wait_s if a2a else 0.0)
+
+    def _reset(self) -> None:
+        self._window.zero_()
+        self._steps, self._t0, self._c0 = 0, time.perf_counter(), self._counters()
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training (a checkpoint save) does not count towards step time."""
+        self._t0 += seconds
+
+    def after_step(self, done: int, result: StepResult) -> None:
+        t = self.info.loop
+        self._window += result.loss
+        self._steps += 1
+        is_eval = bool(t.eval_every and done % t.eval_every == 0) or done == t.max_steps
+        if done % t.log_every and not is_eval:
+            return
+        record = self._record(done, result)
+        if is_eval:
+            record["val_loss"] = self.validate()
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+        for sink in self.sinks:
+            sink(record)
+        self.last = record
+        self._reset()
+
+    def _record(self, done: int, result: StepResult) -> dict:
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        step_time = (time.perf_counter() - self._t0) / self._steps
+        now, before = self._counters(), self._c0  # before this record's own reductions
+        mean_loss = (self._window / self._steps).reshape(1).clone()
+        self.comm.all_reduce(mean_loss, op="avg")  # the loss every rank saw
+        seen = self.engine.comm_stats() is not None  # another library's gradient traffic is invisible here
+        peak = self.info.peak_flops
+        return {
+            "step": done, "loss": mean_loss.item(), "lr": result.lr, "grad_norm": float(result.grad_norm),
+            "tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
+            "mfu": (self.info.flops_per_token * self.tokens_per_step / step_time / (peak * self.info.dp_size)
+                    if peak else None),
+            "comm_bytes_per_step": (now[0] - before[0]) / self._steps if seen else None,
+            "comm_wait_s_per_step": (now[1] - before[1]) / self._steps if seen else None,
+            **{f"mem_{k}_bytes": v for k, v in self.engine.model_state_bytes().items()},
+            "peak_mem_mb": peak_memory_mb(self.info.device),
+            **self.engine.metrics(),
+            **self._moe(now, before),
+        }
+
+    def _moe(self, now, before) -> dict:
+        """MoE routing of the last micro-batch (mean over ranks) and the all-to-all traffic per step."""
+        stats = self.engine.model.moe_stats()
+        if not stats:
+            return {}
+        keys = sorted(stats)
+        values = torch.stack([stats[k].float().to(self.info.device) for k in keys])
+        self.comm.all_reduce(values, op="avg")
+        out = {f"moe_{k}": v for k, v in zip(keys, values.tolist())}
+        out["a2a_bytes_per_step"] = (now[2] - before[2]) / self._steps
+        out["a2a_wait_s_per_step"] = (now[3] - before[3]) / self._steps
+        return out
 
 
-def _a2a_counters(s: RunState) -> tuple[float, float]:
-    st = s.ep_comm.stats if s.ep_comm is not None else None
-    return (st.bytes_sent, st.wait_s) if st is not None else (0.0, 0.0)
+class Checkpointing:
+    """Saves every trainer.ckpt_every steps and at the last step of this launch."""
+
+    def __init__(self, manager: CheckpointManager, engine: Engine, batches: ShardedBatches, *, every: int,
+                 end: int, metrics: Metrics):
+        self.manager, self.engine, self.batches = manager, engine, batches
+        self.every, self.end, self.metrics = every, end, metrics
+
+    def after_step(self, done: int, result: StepResult) -> None:
+        if not ((self.every and done % self.every == 0) or done == self.end):
+            return
+        t0 = time.perf_counter()
+        self.manager.save(done, self.engine.state_dict(), {"sampler": self.batches.state_dict()})
+        self.metrics.exclude(time.perf_counter() - t0)
 
 
-def _moe_metrics(s: RunState, window_steps: int, a2a0: tuple[float, float]) -> dict:
-    """MoE routing of the last micro-batch (mean over ranks) and the all-to-all traffic per step."""
-    stats = s.ddp.module.moe_stats()
-    if not stats:
-        return {}
-    keys = sorted(stats)
-    values = torch.stack([stats[k].float().to(s.device) for k in keys])
-    s.ddp.comm.all_reduce(values, op="avg")
-    out = {f"moe_{k}": v for k, v in zip(keys, values.tolist())}
-    a2a = _a2a_counters(s)
-    out["a2a_bytes_per_step"] = (a2a[0] - a2a0[0]) / window_steps
-    out["a2a_wait_s_per_step"] = (a2a[1] - a2a0[1]) / window_steps
-    return out
+class Progress:
+    """Rank 0's progress bar, showing the last logged loss."""
+
+    def __init__(self, metrics: Metrics, *, total: int, initial: int, enabled: bool):
+        self.metrics = metrics
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+    def after_step(self, done: int, result: StepResult) -> None:
+        if self.metrics.last.get("step") == done:
+            self.bar.set_postfix(loss=f"{self.metrics.last['loss']:.3f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def run(s: RunState, start_step: int) -> dict:
-    """Steps from start_step to trainer.max_steps; returns the last logged record."""
-    t = s.cfg.trainer
-    stats = s.ddp.comm.stats
-    tokens_per_step = t.micro_batch_size * s.cfg.model.seq_len * t.grad_accum * s.world_size
-    ckpt_root = s.run_dir / "checkpoints"
-    native = s.cfg.engine == "native"
-    end = t.max_steps if t.stop_after_steps is None else min(t.max_steps, t.stop_after_steps)
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (t.progress and s.rank == 0),
-               dynamic_ncols=True, desc="train")
-    last_record: dict = {}
-    window_loss = torch.zeros((), device=s.device)
-    window_steps, window_t0 = 0, time.perf_counter()
-    bytes0, wait0 = stats.bytes_sent, stats.wait_s
-    a2a0 = _a2a_counters(s)
+def run(engine: Engine, batches: ShardedBatches, components: list, *, start: int, end: int) -> None:
+    """Steps start .. end - 1, each followed by every component."""
     with logging_redirect_tqdm():
-        for step in range(start_step, end):
-            loss, grad_norm = train_step(s, step)
-            window_loss += loss
-            window_steps += 1
-            done = step + 1
-            is_eval = bool(t.eval_every and done % t.eval_every == 0) or done == t.max_steps
-            if done % t.log_every == 0 or is_eval:
-                if s.device.type == "cuda":
-                    torch.cuda.synchronize(s.device)
-                elapsed = time.perf_counter() - window_t0
-                step_bytes = (stats.bytes_sent - bytes0) / window_steps
-                step_wait = (stats.wait_s - wait0) / window_steps
-                mean_loss = (window_loss / window_steps).reshape(1).clone()
-                s.ddp.comm.all_reduce(mean_loss, op="avg")  # the loss every rank saw
-                step_time = elapsed / window_steps
-                record = {
-                    "step": done, "loss": mean_loss.item(),
-                    "lr": s.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                    "mfu": s.flops_per_token * tokens_per_step / step_time / (s.peak_flops * s.world_size),
-                    # DeepSpeed's own gradient traffic is invisible to ringtrain's counters
-                    "comm_bytes_per_step": step_bytes if native else None,
-                    "comm_wait_s_per_step": step_wait if native else None,
-                    **{f"mem_{k}_bytes": v for k, v in s.ddp.model_state_bytes().items()},
-                    "peak_mem_mb": peak_memory_mb(s.device),
-                    **_scaler_metrics(s),
-                    **_moe_metrics(s, window_steps, a2a0),
-                }
-                if is_eval:
-                    record["val_loss"] = evaluate(s)
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-                if s.rank == 0:
-                    s.metrics_file.write(record)
-                    s.logger.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                last_record = record
-                window_loss.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
-                bytes0, wait0 = stats.bytes_sent, stats.wait_s
-                a2a0 = _a2a_counters(s)
-            if (t.ckpt_every and done % t.ckpt_every == 0) or done == end:
-                t_save = time.perf_counter()
-                # float32 (master) weights, gathered from the shards under ZeRO; rank 0's copy
-                model_state = s.ddp.consolidated_state_dict()
-                rank_state = {"sampler": s.batches.state_dict(), "skipped_nonfinite": s.skipped_nonfinite,
-                              "loss_scaler": s.scaler.state_dict() if s.scaler else None}
-                checkpoint.save(ckpt_root, done, model_state=model_state, save_optimizer=s.ddp.save_optimizer,
-                                rank_state=rank_state, rank=s.rank,
-                                world_size=s.world_size, group=s.ddp.comm.group,
-                                keep=t.keep_last, extra_meta={"parallel": s.cfg.parallel.name, "ep_size": s.cfg.parallel.ep_size})
-                window_t0 += time.perf_counter() - t_save  # saving is not training time
-            bar.update(1)
-    bar.close()
-    return last_record
+        for step in range(start, end):
+            result = engine.train_step(batches, step)
+            for component in components:
+                component.after_step(step + 1, result)
+

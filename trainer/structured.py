@@ -94,6 +94,12 @@ def _coerce(t, value, key: str):
     return value
 
 
+def require(ok: bool, key: str, rule: str, value) -> None:
+    """The one style of config check: raises ValueError('<key> must <rule>, got <value>') unless ok."""
+    if not ok:
+        raise ValueError(f"{key} must {rule}, got {value!r}")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; its message names the key and the value. The
     entry point prints it as one line and exits with status 2."""

@@ -5,7 +5,7 @@ Independent of process groups: callers pass plain dp_rank / dp_size ints.
 
 from .config import DATA_KINDS, DataConfig, validate_data_config
 from .corpus import TokenData, load_tokens
-from .sampler import ShardedBatches, eval_batch_count, eval_batches
+from .sampler import ShardedBatches, check_split_sizes, eval_batch_count, eval_batches
 
 __all__ = ["DATA_KINDS", "DataConfig", "validate_data_config", "TokenData", "load_tokens",
-           "ShardedBatches", "eval_batch_count", "eval_batches"]
+           "ShardedBatches", "check_split_sizes", "eval_batch_count", "eval_batches"]

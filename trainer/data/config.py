@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from ..structured import require
+
 DataKind = Literal["stdlib", "text", "synthetic"]
 DATA_KINDS: tuple[str, ...] = get_args(DataKind)
 
@@ -47,38 +49,31 @@ def validate_data_config(cfg) -> None:
     `kind` is checked here too: OmegaConf 2.3 cannot hold Literal fields, so an OmegaConf
     node of this config (trainer/structured.py's mirror) carries it as a plain str.
     """
-    if cfg.kind not in DATA_KINDS:
-        raise ValueError(f"data.kind: {cfg.kind!r} is not one of {list(DATA_KINDS)}")
-    if isinstance(cfg.paths, str):
-        raise ValueError(f"data.paths: expected a list of paths, got the string {cfg.paths!r}")
-    if isinstance(cfg.extensions, str):
-        raise ValueError(f"data.extensions: expected a list of suffixes, got the string {cfg.extensions!r}")
+    require(cfg.kind in DATA_KINDS, "data.kind", f"be one of {list(DATA_KINDS)}", cfg.kind)
+    require(not isinstance(cfg.paths, str), "data.paths", "be a list of paths, not one string", cfg.paths)
+    require(not isinstance(cfg.extensions, str), "data.extensions", "be a list of suffixes, not one string",
+            cfg.extensions)
     for ext in cfg.extensions:
-        if not isinstance(ext, str) or not ext.startswith(".") or len(ext) < 2:
-            raise ValueError(f"data.extensions: {ext!r} is not a file suffix like '.txt'")
-    if not isinstance(cfg.tokenizer, str) or not cfg.tokenizer.strip():
-        raise ValueError("data.tokenizer: must be 'bytes' or a Hugging Face tokenizer name/path")
-    if cfg.kind != "text" and cfg.tokenizer != "bytes":
-        # Only text files are tokenized; failing beats silently training on bytes.
-        raise ValueError(f"data.tokenizer: only used with data.kind=text, got {cfg.tokenizer!r} with kind={cfg.kind}")
-    if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir.strip():
-        raise ValueError("data.cache_dir: must be a non-empty folder path")
+        require(isinstance(ext, str) and ext.startswith(".") and len(ext) >= 2, "data.extensions",
+                "hold file suffixes like '.txt'", ext)
+    require(isinstance(cfg.tokenizer, str) and bool(cfg.tokenizer.strip()), "data.tokenizer",
+            "be 'bytes' or a Hugging Face tokenizer name/path", cfg.tokenizer)
+    # Only text files are tokenized; failing beats silently training on bytes.
+    require(cfg.kind == "text" or cfg.tokenizer == "bytes", "data.tokenizer",
+            f"be 'bytes' unless data.kind=text (kind is {cfg.kind})", cfg.tokenizer)
+    require(isinstance(cfg.cache_dir, str) and bool(cfg.cache_dir.strip()), "data.cache_dir",
+            "be a non-empty folder path", cfg.cache_dir)
     # Below 1 so the training split is never empty; 0 (no validation split) is allowed.
-    if not 0.0 <= float(cfg.val_fraction) < 1.0:
-        raise ValueError(f"data.val_fraction: must be in [0, 1), got {cfg.val_fraction}")
-    if int(cfg.seed) < 0:
-        raise ValueError(f"data.seed: must be >= 0, got {cfg.seed}")
+    require(0.0 <= float(cfg.val_fraction) < 1.0, "data.val_fraction", "be in [0, 1)", cfg.val_fraction)
+    require(int(cfg.seed) >= 0, "data.seed", "be >= 0", cfg.seed)
     if cfg.kind == "text":
-        if not cfg.paths:
-            raise ValueError("data.paths: kind=text needs at least one file or folder")
+        require(bool(cfg.paths), "data.paths", "name at least one file or folder with kind=text", list(cfg.paths))
         for p in cfg.paths:
-            if not os.path.exists(os.path.expanduser(str(p))):
-                raise ValueError(f"data.paths: {p!r} does not exist")
-        if not cfg.extensions and any(os.path.isdir(os.path.expanduser(str(p))) for p in cfg.paths):
-            raise ValueError("data.extensions: empty, so nothing would be taken from the folders in data.paths")
+            require(os.path.exists(os.path.expanduser(str(p))), "data.paths", "name existing files or folders", p)
+        folders = any(os.path.isdir(os.path.expanduser(str(p))) for p in cfg.paths)
+        require(bool(cfg.extensions) or not folders, "data.extensions",
+                "not be empty when data.paths names folders (nothing would be taken)", list(cfg.extensions))
     if cfg.kind == "synthetic":
-        if int(cfg.synthetic_tokens) < 2:
-            raise ValueError(f"data.synthetic_tokens: must be >= 2, got {cfg.synthetic_tokens}")
-        if not 2 <= int(cfg.synthetic_vocab_size) <= MAX_VOCAB_SIZE:
-            raise ValueError(
-                f"data.synthetic_vocab_size: must be in [2, {MAX_VOCAB_SIZE}], got {cfg.synthetic_vocab_size}")
+        require(int(cfg.synthetic_tokens) >= 2, "data.synthetic_tokens", "be >= 2", cfg.synthetic_tokens)
+        require(2 <= int(cfg.synthetic_vocab_size) <= MAX_VOCAB_SIZE, "data.synthetic_vocab_size",
+                f"be in [2, {MAX_VOCAB_SIZE}]", cfg.synthetic_vocab_size)

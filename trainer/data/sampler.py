@@ -58,6 +58,18 @@ def _too_small(n_tokens: int, seq_len: int, micro_batch_size: int, dp_size: int,
             f"use more data or a smaller seq_len / micro_batch_size")
 
 
+def check_split_sizes(n_train: int, n_val: int, *, seq_len: int, micro_batch_size: int, dp_size: int) -> None:
+    """Raises ValueError naming the keys when either split cannot give every rank one batch
+    (training: one micro-batch per rank; validation: one evaluation batch per rank)."""
+    need = seq_len * micro_batch_size * dp_size + 1
+    for n, split, key in ((n_train, "training split", "data"), (n_val, "validation split", "data.val_fraction")):
+        if _n_windows(n, seq_len) // (dp_size * micro_batch_size) == 0:
+            raise ValueError(f"the {split} ({key}) has {n:,} tokens, but one batch per rank needs {need:,}: "
+                             f"model.seq_len={seq_len} x trainer.micro_batch_size={micro_batch_size} x "
+                             f"{dp_size} rank(s) + 1; use more data or a smaller model.seq_len / "
+                             "trainer.micro_batch_size")
+
+
 class ShardedBatches:
     """An endless, epoch-based stream of (x, y) batches for one data-parallel rank."""
 

@@ -1,0 +1,114 @@
+"""The job's layout: one device mesh with named dimensions, and the process groups it hands out.
+
+Ranks form a mesh laid out row-major over the dimensions ("dp_outer", "ep"), the last
+varying fastest: an expert-parallel group is `ep` consecutive ranks (on one node when ep
+divides the ranks per node, so all-to-all stays on the fast links). Context parallelism
+will add a "cp" dimension after "ep" and nodes a dimension of their own; callers ask for
+groups by name (`Topology.group`), so neither reshapes them.
+
+Named groups:
+
+    dp          every rank: dense parameters are replicated over it and their gradients averaged
+    ep          the ranks that share one set of experts between them (each holds a slice)
+    expert_dp   the ranks that hold the same expert slice (one per position in an ep group)
+
+Every rank must build the same Topology (torch.distributed creates groups collectively),
+which is why it is built once, early, from plain ints (`MeshShape`), checked before any
+process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .collectives import Communicator, Tuning
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """The mesh's size per dimension; `validate` needs no process group."""
+
+    world_size: int
+    ep: int = 1
+
+    def validate(self) -> None:
+        """Raises ValueError naming `parallel.ep_size` when the mesh cannot be built."""
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep_size must be >= 1, got {self.ep}")
+        if self.world_size % self.ep:
+            raise ValueError(f"parallel.ep_size={self.ep} must divide the world size {self.world_size}")
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"dp_outer": self.world_size // self.ep, "ep": self.ep}
+
+
+class Topology:
+    """Named process groups of one job over one DeviceMesh; build with `Topology.build`."""
+
+    def __init__(self, mesh: DeviceMesh, shape: MeshShape):
+        self.mesh, self.shape = mesh, shape
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    @classmethod
+    def build(cls, shape: MeshShape, device_type: str = "cpu") -> "Topology":
+        """Collective: every rank calls it with the same shape after init_process_group."""
+        shape.validate()
+        if shape.world_size != dist.get_world_size():
+            raise ValueError(f"the mesh is for {shape.world_size} ranks but the job has {dist.get_world_size()}")
+        dims = shape.dims
+        mesh = init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+        return cls(mesh, shape)
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        """The process group called `name` (see the module docstring) that this rank belongs to."""
+        if name == "dp":
+            return dist.group.WORLD
+        if name == "ep":
+            return self.mesh.get_group("ep")
+        if name == "expert_dp":
+            return self.mesh.get_group("dp_outer")
+        raise ValueError(f"no group named {name!r}; groups: dp, ep, expert_dp")
+
+    def size(self, name: str) -> int:
+        return dist.get_world_size(self.group(name))
+
+    def rank_in(self, name: str) -> int:
+        return dist.get_rank(self.group(name))
+
+    def communicators(self, *, algorithm: str, tuning: Tuning | None = None,
+                      timeout_s: float | None = None) -> "Comms":
+        """One Communicator per group a parallelized model talks through (expert groups only with ep > 1)."""
+        def make(name):
+            return Communicator(self.group(name), algorithm=algorithm, tuning=tuning, timeout_s=timeout_s)
+        if self.shape.ep == 1:
+            return Comms(dp=make("dp"))
+        return Comms(dp=make("dp"), ep=make("ep"), expert_dp=make("expert_dp"))
+
+
+@dataclass
+class Comms:
+    """The communicators of a parallelized model. `ep` and `expert_dp` exist only with expert
+    parallelism (ep > 1); otherwise expert weights are dense weights like any other."""
+
+    dp: Communicator
+    """Dense gradients and parameters: every rank."""
+    ep: Communicator | None = None
+    """Expert parallelism's token all-to-all, and gathering the expert slices for a full state_dict."""
+    expert_dp: Communicator | None = None
+    """The replicas of this rank's expert slice: expert gradients are reduced and sharded over it."""
+
+    @property
+    def experts_apart(self) -> bool:
+        return self.expert_dp is not None
+
+    def all(self) -> list[Communicator]:
+        return [c for c in (self.dp, self.ep, self.expert_dp) if c is not None]
+
+    def close(self) -> None:
+        for c in self.all():
+            c.close()

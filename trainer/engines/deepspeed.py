@@ -190,7 +190,10 @@ class DeepSpeedEngine:
                               f"with ({saved_world}), not {self.comms.dp.world_size}")
         sd, opt = decode(state.local["optimizer"]), self.engine.optimizer
         if "state_dict_list" in inspect.signature(opt.load_state_dict).parameters:
-            opt.load_state_dict([sd], load_optimizer_states=True, load_from_fp32_weights=True)
+            # DeepSpeed indexes the list by data-parallel rank; at the same world size it reads ours only
+            rank, world = self.comms.dp.rank, self.comms.dp.world_size
+            opt.load_state_dict([sd if r == rank else None for r in range(world)], load_optimizer_states=True,
+                                load_from_fp32_weights=True)
         else:
             opt.load_state_dict(sd)
         for key, value in state.local["counters"].items():

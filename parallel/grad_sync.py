@@ -38,11 +38,11 @@ class GradSync:
 
     def __init__(self, units: list[FlatUnit], names: dict[int, str], *, in_order: bool,
                  allow_unused: bool = False, staging_buffers: int = 3,
-                 on_reduced: Callable[[FlatUnit], None] | None = None):
+                 on_launched: Callable[[FlatUnit], None] | None = None):
         self.units, self.names, self.in_order = units, names, in_order
         self.allow_unused = allow_unused
         self.staging_buffers = staging_buffers
-        self.on_reduced = on_reduced            # called once a unit's reduction is complete (ZeRO-3 frees)
+        self.on_launched = on_launched          # called once a unit's reduction is under way (ZeRO-3 frees)
         self.sync = True
         self._next = 0                          # in_order: index of the next unit to launch
         self._launched = 0                      # launches so far this step (orders the waits)
@@ -78,7 +78,7 @@ class GradSync:
                 return
         else:
             if unit.handle is not None:       # the previous micro-step's reduction of this unit
-                self._complete(unit, release=False)  # its parameters are in use by this backward
+                self._complete(unit)
             if unit.staging is None:
                 unit.staging = self._take_staging(unit)
             unit.staging[unit.slot(pi)].copy_(q.grad.reshape(-1))
@@ -118,10 +118,11 @@ class GradSync:
             unit.handle = unit.comm.reduce_scatter(unit.incoming, grads, op=op, async_op=True)
             unit.ready.clear()                # the next micro-step's gradients start a new round
         self._launched += 1
+        if self.on_launched is not None:
+            self.on_launched(unit)
         unit.handle_order = self._launched
 
-    def _complete(self, unit: FlatUnit, release: bool = True) -> None:
-        """Waits for the unit's reduction; `on_reduced` runs unless the unit is still in use."""
+    def _complete(self, unit: FlatUnit) -> None:
         if unit.handle is not None:
             unit.handle.wait()
             unit.handle = None
@@ -130,11 +131,9 @@ class GradSync:
             unit.incoming = None
             self._pool.append(unit.staging)
             unit.staging = None
-        if release and self.on_reduced is not None:
-            self.on_reduced(unit)
 
     def reap(self) -> None:
-        """Completes reductions that already finished (frees staging; ZeRO-3 frees parameters)."""
+        """Completes reductions that already finished (their staging buffers go back to the pool)."""
         for u in self.units:
             if u.handle is not None and u.handle.is_completed():
                 self._complete(u)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from models.config import AttentionConfig, ModelConfig
 from models.transformer import DecoderLM
 
 from parallel.atomic import atomic_write
+
+from . import checkpoint
 from .structured import build
 
 
@@ -33,10 +34,10 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     cfg = OmegaConf.to_container(OmegaConf.load(run_config), resolve=True)
     model_cfg = build(ModelConfig, cfg["model"], "model")
     attn_cfg = build(AttentionConfig, cfg["attention"], "attention")
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    state = checkpoint.read_model_state(ckpt)
     DecoderLM(model_cfg, attn_cfg).load_state_dict(state)  # refuses a mismatched model before writing
     payload = {"model_config": dataclasses.asdict(model_cfg), "attention_config": dataclasses.asdict(attn_cfg),
-               "step": json.loads((ckpt / "meta.json").read_text())["step"], "state_dict": state}
+               "step": checkpoint.read_meta(ckpt)["step"], "state_dict": state}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda fh: torch.save(payload, fh))

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..collectives import Communicator, split_bounds
+from .timing import sync, time_calls
 
 BUSBW_FACTOR = {
     "all_reduce": lambda p: 2 * (p - 1) / p,
@@ -91,24 +92,9 @@ def count_wrong(case: Case) -> int:
     return int((got != case.expected).sum())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_case(case: Case, warmup: int, iters: int, device: torch.device, group) -> float:
-    """Mean seconds per call: warm-up, barrier, `iters` back-to-back calls, mean over ranks."""
-    for _ in range(warmup):
-        case.run()
-    _sync(device)
-    dist.barrier(group=group)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        case.run()
-    _sync(device)
-    elapsed = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
-    dist.all_reduce(elapsed, group=group)
-    return elapsed.item() / dist.get_world_size(group)
+    """Mean seconds per call over the ranks (parallel/bench/timing.py's convention)."""
+    return time_calls(case.run, warmup=warmup, iters=iters, device=device, group=group)
 
 
 def memcpy_bandwidth(device: torch.device, nbytes: int = 64 << 20, iters: int = 10) -> float:
@@ -116,9 +102,9 @@ def memcpy_bandwidth(device: torch.device, nbytes: int = 64 << 20, iters: int = 
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         dst.copy_(src)
-    _sync(device)
+    sync(device)
     return nbytes * iters / (time.perf_counter() - t0) / 1e9

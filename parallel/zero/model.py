@@ -77,7 +77,7 @@ class ZeroModel(FlatParamModel):
             self._add_unit(params, self.group_of[id(params[0])], block)
         self.gather = Stage3Gather(module, self.units, list(blocks or [])) if self.shards.params else None
         self.grad_sync = GradSync(self.units, self.names, in_order=False,
-                                  on_reduced=self.gather.on_reduced if self.gather else None)
+                                  on_launched=self.gather.on_launched if self.gather else None)
         if self.gather is not None:
             self.gather.grad_sync = self.grad_sync
 

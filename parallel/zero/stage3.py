@@ -6,7 +6,8 @@ model's forward starts and stays gathered to the end of backward, since the tied
 used at both ends; a block's units are gathered just before its forward, and the next block's
 gather is started while it computes; they are freed right after. Backward runs the blocks in
 reverse: a block's units are gathered again before its backward (the previous block's gather
-started meanwhile) and freed once its gradients are reduce-scattered (`on_reduced`).
+started meanwhile) and freed as soon as its last gradient is staged for the reduce-scatter
+(`on_launched`), so at most two blocks (plus the root unit) hold full parameters at any moment.
 
 The all-gather writes into `gather_target`, a second tensor over the same storage: the
 parameters' views (saved by autograd for backward) must not see a version bump when their
@@ -60,8 +61,9 @@ class Stage3Gather:
         for u in self.units:
             self.free(u)
 
-    def on_reduced(self, unit: FlatUnit) -> None:
-        """A block unit's gradients are reduced: its parameters are not needed until the next forward."""
+    def on_launched(self, unit: FlatUnit) -> None:
+        """Every gradient of a block unit is in staging and on its way (the reduce-scatter reads the
+        staging buffer, not the parameters): backward needs its parameters no more."""
         if unit.block >= 0:
             self.free(unit)
 

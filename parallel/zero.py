@@ -16,9 +16,12 @@ optimizer on its shards only (the optimizer is built over the shards, see
 - stage 3: parameters sharded too. A unit is one transformer block (plus one root
   unit for embeddings, head and final norm). Its full parameters are all-gathered
   just before its forward, freed right after, gathered again before its backward
-  and freed once its gradients are reduce-scattered; the next block's gather is
-  started while the current block computes. The root unit stays gathered from the
-  first forward to the end of backward, since the tied embedding is used at both ends.
+  and freed as soon as its last gradient is copied into staging (the reduce-scatter
+  reads the staging buffer, not the parameters, so nothing waits for it); the next
+  block's gather is started while the current block computes, so at most two blocks
+  (plus the root unit) hold full parameters at any moment. The root unit stays
+  gathered from the first forward to the end of backward, since the tied embedding
+  is used at both ends.
 
 Units never mix optimizer groups (weight decay / none), dtypes or devices. Stage 1
 and 2 units are buckets in reverse registration order (about `bucket_mb` each).
@@ -291,6 +294,9 @@ class ZeroModel(nn.Module):
             unit.incoming = unit.grad_shard.new_empty(unit.S)
             unit.handle = unit.comm.reduce_scatter(unit.incoming, grads, op=op, async_op=True)
             unit.ready.clear()  # the next micro-step's gradients start a new round
+            if self.stage == 3 and unit.block >= 0:
+                # every gradient of the unit is in staging: backward needs its parameters no more
+                self._free(unit)
         self._next_launch += 1
         unit.handle_order = self._next_launch
 

@@ -18,10 +18,15 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .structured import ConfigError
 
 
 def deepspeed_config(tc: TrainConfig) -> dict:
-    """DeepSpeed's JSON config for this run."""
+    """DeepSpeed's JSON config for this run. fp16 settings DeepSpeed cannot express (its
+    scale starts at a power of 2 and moves by a factor of 2; its floor is an integer) raise
+    ConfigError naming the key rather than training with other settings than asked."""
+    if tc.precision.name == "fp16":
+        _check_fp16_expressible(tc.precision)
     stage = 0 if tc.parallel.name == "ddp" else int(tc.parallel.name[-1])
     bucket = int(tc.parallel.bucket_mb * 2**20 / 4)  # DeepSpeed counts elements
     return {
@@ -40,6 +45,19 @@ def deepspeed_config(tc: TrainConfig) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def _check_fp16_expressible(p) -> None:
+    power = math.log2(p.init_scale)
+    problems = [f"precision.{key}={value:g} ({why})" for bad, key, value, why in (
+        (power != round(power), "init_scale", p.init_scale, "DeepSpeed starts at a power of 2"),
+        (p.growth_factor != 2.0, "growth_factor", p.growth_factor, "DeepSpeed grows by 2"),
+        (p.backoff_factor != 0.5, "backoff_factor", p.backoff_factor, "DeepSpeed backs off by 1/2"),
+        (p.min_scale != int(p.min_scale), "min_scale", p.min_scale, "DeepSpeed's floor is an integer"),
+    ) if bad]
+    if problems:
+        raise ConfigError("engine=deepspeed with precision=fp16 cannot express " + "; ".join(problems)
+                          + "; use DeepSpeed's values or engine=native")
 
 
 class DeepSpeedEngine:

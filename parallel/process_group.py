@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
@@ -51,12 +50,6 @@ def pick_backend(requested: str = "auto") -> str:
     return requested
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
     """Joins the job torchrun started, or makes a world of one when there is none.
 
@@ -77,9 +70,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
         kwargs = {"device_id": device} if backend == "nccl" else {}
         if launched:
             dist.init_process_group(backend, timeout=timeout, **kwargs)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1, timeout=timeout, **kwargs)
+        else:  # a world of one: an in-process store, no port to pick (and lose to another process)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    **kwargs)
     return DistContext(rank, world, local_rank, backend, device)
 
 

@@ -63,7 +63,7 @@ def run_spec(rank: int, world: int, spec: dict) -> torch.Tensor:
         broadcast(x, seed % world, algorithm=algo, tuning=tuning)
         return x.clone()
     if op == "all_to_all":
-        splits = a2a_splits(seed, world, n)
+        splits = spec.get("splits") or a2a_splits(seed, world, n)
         ins = splits[rank]
         outs = [splits[i][rank] for i in range(world)]
         out = maybe_strided(torch.empty(sum(outs), dtype=DTYPES[dtype]))
@@ -77,8 +77,9 @@ def run_specs(rank: int, world: int, specs: list[dict]) -> list[torch.Tensor]:
     return [run_spec(rank, world, s) for s in specs]
 
 
-def async_all_reduce(rank: int, world: int, algorithm: str, n: int, count: int) -> list[torch.Tensor]:
-    """`count` asynchronous all-reduces in flight at once, then one synchronous one."""
+def async_all_reduce(rank: int, world: int, algorithm: str, n: int, count: int) -> dict:
+    """`count` asynchronous all-reduces in flight at once, then one synchronous one;
+    the results and the communicator's stats (bytes_sent, calls)."""
     comm = Communicator(algorithm=algorithm, tuning=Tuning(256, 2, 0))
     xs = [rank_input(100 + i, rank, n, "float32") for i in range(count)]
     handles = [comm.all_reduce(x, async_op=True) for x in xs]
@@ -87,8 +88,42 @@ def async_all_reduce(rank: int, world: int, algorithm: str, n: int, count: int) 
     for h in handles:
         h.wait()
     comm.close()
-    assert comm.stats.bytes_sent > 0 or world == 1
-    return xs + [last]
+    return {"results": xs + [last], "bytes_sent": comm.stats.bytes_sent, "calls": comm.stats.calls}
+
+
+def byte_counts(rank: int, world: int, specs: list[dict]) -> list[tuple[int, int]]:
+    """Per spec, one collective through a fresh Communicator(algorithm=spec["algorithm"]);
+    returns its stats (bytes_sent, calls). Ops the algorithm lacks take the fallback (ring).
+    spec: op, algorithm, dtype, n, seed, and optionally tuning, async, src (broadcast)."""
+    out = []
+    for spec in specs:
+        op, dtype, n, seed = spec["op"], spec["dtype"], spec["n"], spec["seed"]
+        comm = Communicator(algorithm=spec["algorithm"], tuning=Tuning(*spec.get("tuning", (4 << 20, 2, 64 << 10))))
+        kw = {"async_op": bool(spec.get("async"))}
+        b = split_bounds(n, world)
+        if op == "all_reduce":
+            handle = comm.all_reduce(rank_input(seed, rank, n, dtype), **kw)
+        elif op == "reduce_scatter":
+            handle = comm.reduce_scatter(torch.empty(b[rank + 1] - b[rank], dtype=DTYPES[dtype]),
+                                         rank_input(seed, rank, n, dtype), **kw)
+        elif op == "all_gather":
+            handle = comm.all_gather(torch.empty(n, dtype=DTYPES[dtype]),
+                                     rank_input(seed, rank, n, dtype)[b[rank]:b[rank + 1]], **kw)
+        elif op == "all_to_all":
+            splits = a2a_splits(seed, world, n)
+            outs = [splits[i][rank] for i in range(world)]
+            handle = comm.all_to_all(torch.empty(sum(outs), dtype=DTYPES[dtype]),
+                                     rank_input(seed, rank, sum(splits[rank]), dtype),
+                                     output_split_sizes=outs, input_split_sizes=splits[rank], **kw)
+        elif op == "broadcast":
+            handle = comm.broadcast(rank_input(seed, rank, n, dtype), spec["src"], **kw)
+        else:
+            raise ValueError(op)
+        if handle is not None:
+            handle.wait()
+        comm.close()
+        out.append((comm.stats.bytes_sent, comm.stats.calls))
+    return out
 
 
 def bad_inputs(rank: int, world: int) -> dict[str, str]:

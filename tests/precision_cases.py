@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -32,8 +31,11 @@ def _wrap(model, comm, parallel: str, policy: PrecisionPolicy):
                       blocks=list(model.blocks), comm=comm, **mp)
 
 
+LR = 3e-3
+
+
 def _make_opt(groups):
-    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95))
 
 
 def _batch(step: int, n: int, noise: float = 0.0):
@@ -100,56 +102,96 @@ def overflow_on_one_rank_skips_everywhere(rank: int, world: int, parallel: str, 
             "skipped": scaler.state.skipped_steps}
 
 
-def mixed_matches_reference(rank: int, world: int, parallel: str, precision: str, grad_reduce: str = "fp32",
-                            steps: int = 3) -> dict:
-    """The distributed mixed-precision step equals a single-process reference of the same
-    policy: half parameters, each rank's micro-batch forward/backward in half (same shapes,
-    so the same half gradients), gradients averaged in the communication dtype, unscaled,
-    clipped by the global norm, AdamW on float32 masters, masters cast back to half."""
+def _mixed_one(rank: int, world: int, comm: Communicator, parallel: str, precision: str, grad_reduce: str,
+               steps: int) -> dict:
     policy = PrecisionPolicy.from_name(precision, grad_reduce=grad_reduce)
-    comm = Communicator(None)
-    model = _model(11)
-    ref = copy.deepcopy(model)                     # float32, same weights
-    masters = [p.detach().clone().requires_grad_() for p in ref.parameters()]
-    ref.to(policy.param_dtype)
-    ref_opt = _make_opt([{"params": masters, "weight_decay": 0.0}])
+    half = policy.param_dtype
+    ref = _model(11)                                # rank 0's initial weights, built before any wrapper
+    model = _model(11 + rank)                       # the broadcast makes every rank's rank 0's
+    names = [n for n, _ in ref.named_parameters()]
+    masters = {n: p.detach().clone().requires_grad_() for n, p in ref.named_parameters()}
+    by_id = {id(p): masters[n] for n, p in ref.named_parameters()}
+    ref_opt = _make_opt([dict(g, params=[by_id[id(p)] for p in g["params"]]) for g in ref.param_groups(0.1)])
+    ref.to(half)
     wrapper = _wrap(model, comm, parallel, policy)
-    wrapper.build_optimizer(lambda gs: _make_opt([dict(g, weight_decay=0.0) for g in gs]), model.param_groups(0.1))
+    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
     scale = 2.0**8 if precision == "fp16" else 1.0
     scaler = DynamicLossScaler(init_scale=scale) if precision == "fp16" else None
+    out = {"norms": [], "ref_norms": [], "worst_abs": [], "worst_ulps": [], "half_params_exact": []}
+    state = wrapper.consolidated_state_dict()       # float32 masters on rank 0
+    if rank == 0:  # the broadcast made every rank start from rank 0's weights
+        out["starts_from_rank0"] = all(torch.equal(state[n], masters[n]) for n in names)
     for step in range(steps):
+        if rank == 0:  # the reference starts this step from the implementation's masters
+            with torch.no_grad():
+                for n in names:
+                    masters[n].copy_(state[n])
+                for n, p in ref.named_parameters():
+                    p.copy_(masters[n])
         x, y = _batch(step, 2 * world)
         with policy.autocast(torch.device("cpu")):
             _, loss = wrapper(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
         wrapper.backward(loss * scale)
         wrapper.finish_gradient_sync()
-        assert unscale_clip_step(wrapper, scaler, max_norm=0.5).stepped, "no overflow expected at this scale"
+        outcome = unscale_clip_step(wrapper, scaler, max_norm=0.5)
+        assert outcome.stepped, "no overflow expected at this scale"
         wrapper.zero_grad()
-        # the reference: every rank's micro-batch in turn, gradients summed in reduce dtype
-        total = [torch.zeros_like(m, dtype=policy.reduce_dtype) for m in masters]
+        state = wrapper.consolidated_state_dict()
+        with wrapper.gathered():
+            in_compute = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if rank != 0:
+            continue
+        # the reference: every rank's micro-batch in turn (same shapes, so the same half
+        # gradients), summed in the reduce dtype, averaged, unscaled, clipped, AdamW on masters
+        total = {n: torch.zeros_like(masters[n], dtype=policy.reduce_dtype) for n in names}
         for r in range(world):
             ref.zero_grad()
             with policy.autocast(torch.device("cpu")):
                 _, ref_loss = ref(x[2 * r: 2 * r + 2], y[2 * r: 2 * r + 2])
             (ref_loss * scale).backward()
-            for t, p in zip(total, ref.parameters()):
-                t += p.grad.to(t.dtype)
-        for m, t in zip(masters, total):
-            m.grad = (t / world).float() / scale
-        torch.nn.utils.clip_grad_norm_(masters, 0.5)
+            for n, p in ref.named_parameters():
+                total[n] += p.grad.to(total[n].dtype)
+        for n in names:
+            masters[n].grad = (total[n] / world).float() / scale
+        ref_norm = torch.nn.utils.clip_grad_norm_([masters[n] for n in names], 0.5)
         ref_opt.step()
-        with torch.no_grad():
-            for p, m in zip(ref.parameters(), masters):
-                p.copy_(m)
-    got = wrapper.consolidated_state_dict()
-    comm.close()
+        out["norms"].append(outcome.norm.item())
+        out["ref_norms"].append(ref_norm.item())
+        diff = [(state[n] - masters[n].detach()).abs() for n in names]
+        # a float32 ulp of the master, or of the learning rate for masters smaller than it (an
+        # update's rounding error scales with lr, whatever the weight's own magnitude)
+        floor = [masters[n].detach().abs().clamp(min=LR) for n in names]
+        spacing = [torch.nextafter(f, torch.tensor(float("inf"))) - f for f in floor]
+        out["worst_abs"].append(max(d.max().item() for d in diff))
+        out["worst_ulps"].append(max((d / u).max().item() for d, u in zip(diff, spacing)))
+        # the half parameters in compute are the masters rounded, after every applied step
+        out["half_params_exact"].append(all(in_compute[n].dtype == half
+                                            and torch.equal(in_compute[n], state[n].to(half)) for n in names))
     if rank != 0:
         return {}
-    names = [n for n, _ in ref.named_parameters()]
-    worst = max((got[n] - m).abs().max().item() for n, m in zip(names, masters))
-    half_params_match = all(p.dtype == policy.param_dtype for p in model.parameters())
-    return {"worst": worst, "half_params": half_params_match,
-            "dtypes": sorted({str(v.dtype) for v in got.values()})}
+    out["dtypes"] = sorted({str(v.dtype) for v in state.values()})
+    return out
+
+
+def mixed_matches_reference(rank: int, world: int, configs: list[tuple[str, str, str]], steps: int = 3) -> dict:
+    """For each (parallel, precision, grad_reduce): the distributed mixed-precision step equals
+    a single-process reference of the same policy (a fresh model of rank 0's initial weights
+    with its own float32 masters and AdamW, built before the wrapper), step by step from the
+    same masters. Before each step the reference's masters are set to the implementation's
+    consolidated ones (without this a 1-ulp difference of the masters flips half roundings of
+    the parameters, which Adam amplifies from step to step: chaotic, not a bug; the Adam
+    moments are the reference's own); then: half parameters, each rank's micro-batch
+    forward/backward in half, gradients averaged in the communication dtype, unscaled,
+    clipped by the global norm, AdamW on the masters.
+    Returns, on rank 0, per config: whether the implementation started from rank 0's weights,
+    and per step both pre-clip global norms, the worst master difference after the step
+    (absolute, and in float32 ulps of the master or of the learning rate, the larger), and
+    whether the half parameters in compute are exactly the masters rounded."""
+    comm = Communicator(None)
+    try:
+        return {"-".join(c): _mixed_one(rank, world, comm, *c, steps=steps) for c in configs}
+    finally:
+        comm.close()
 
 
 def loss_curve(rank: int, world: int, precision: str, steps: int = 100, parallel: str = "zero2") -> list[float]:

@@ -25,7 +25,7 @@ def bench_run(tmp_path_factory):
            "-m", "parallel.bench", f"ops=[{','.join(OPS)}]", "algorithms=[ring,rhd,tree,native]",
            "min_bytes=8", "max_bytes=256K", "iters=3", "warmup=1", "dtype=float32",
            "large_min_bytes=128K", "small_max_bytes=4K", "progress=false", f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=out, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout
 
@@ -101,11 +101,14 @@ def test_bad_config_names_the_key(override, key):
         make_plan(cfg)
 
 
-def test_bad_config_exits_before_any_work():
-    proc = subprocess.run([sys.executable, "-m", "parallel.bench", "ops=[allreduce]"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+def test_bad_config_exits_before_any_work(tmp_path):
+    # everything a run could write goes under tmp_path (its own run directory and cwd)
+    proc = subprocess.run([sys.executable, "-m", "parallel.bench", "ops=[allreduce]",
+                           f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
     assert "ops" in proc.stderr and "Traceback" not in proc.stderr
-    typo = subprocess.run([sys.executable, "-m", "parallel.bench", "iter=3"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    typo = subprocess.run([sys.executable, "-m", "parallel.bench", "iter=3", f"hydra.run.dir={tmp_path / 'b'}"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert typo.returncode != 0 and "iter" in typo.stderr
+    assert not any(p.name.endswith(".csv") for p in tmp_path.rglob("*"))  # no work was done

@@ -9,8 +9,6 @@ from parallel.data_parallel import _plan_buckets
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 @pytest.mark.parametrize("algorithm", ["ring", "rhd", "tree", "native"])
 def test_gradients_and_weights_match_single_process(pools, p, algorithm):
-    if p in (1, 4) and algorithm in ("rhd", "tree"):
-        pytest.skip("covered at p=2,3; keeps the suite short")
     res = pools(p).run("ddp_cases:ddp_matches_reference", algorithm=algorithm, bucket_mb=0.01,
                        first_bucket_mb=0.002, accum=3)
     assert res[0]["buckets"] >= 3  # the case really exercises several buckets
@@ -32,11 +30,12 @@ def test_unused_parameter_is_a_clear_error(pools):
         assert "unused.weight" in r["error"] and "parallel.find_unused_parameters" in r["error"]
 
 
-def test_unused_parameter_flag_averages_zeros(pools):
+def test_unused_parameter_flag_matches_single_process(pools):
+    """find_unused_parameters=True, 2 steps of 2 micro-steps: every gradient (the unused one
+    zero) and the weights equal a single-process reference (compared in the case, rtol 1e-6)."""
     res = pools(2).run("ddp_cases:ddp_unused", find_unused=True)
     for r in res:
-        assert r["error"] is None and r["unused_grad_abs"] == 0.0
-    torch.testing.assert_close(res[0]["l1_grad"], res[1]["l1_grad"], rtol=0, atol=0)
+        assert r["error"] is None and r["unused_grad_abs"] == 0.0, r
 
 
 def test_first_buckets_launch_before_backward_reaches_the_first_layer(pools):

@@ -14,6 +14,11 @@ The two reference runs start in the background when the module starts, so they o
 with the runs they are compared against. Every launch has a time limit, and a failure
 or a timeout SIGKILLs all of its processes (the agent and its workers), so nothing hangs
 the suite or outlives it.
+
+Ports: a port picked free here (the rendezvous endpoint) or by torchrun itself (the
+workers' store, see TORCH_DISABLE_SHARE_RDZV_TCP_STORE in launch/common.sh) can be taken by
+another process before it is bound. A launch that fails that way (PORT_TAKEN in its log) is
+started again, from a clean run directory and with a fresh port, at most LAUNCH_ATTEMPTS times.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +51,10 @@ TINY = ["model=tiny", "trainer.micro_batch_size=2", "trainer.log_every=1", "trai
 MULTINODE_STEPS = 6
 ELASTIC_STEPS = 12
 ELASTIC_SEED = 7
+LAUNCH_ATTEMPTS = 3
+# a port bound by someone else between being picked and being bound: the TCP store's bind
+# error, or (c10d rendezvous) the agents' fallback to a client of whatever holds the port
+PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use|connection to the C10d store has failed", re.I)
 
 
 def _env(**extra) -> dict:
@@ -63,6 +74,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(Exception):
+    """A job failed because a port it was to bind had been taken (see PORT_TAKEN)."""
 
 
 class Job:
@@ -123,21 +138,65 @@ class Job:
     def tail(self, n: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
-    def wait(self, timeout: float = TIMEOUT_S) -> "Job":
-        """Waits for a clean exit; on a timeout or a failure kills the group and fails."""
+    def port_taken(self) -> bool:
+        return bool(PORT_TAKEN.search(self.log.read_text(errors="replace")))
+
+    def wait(self, timeout: float = TIMEOUT_S, port_retry: bool = False) -> "Job":
+        """Waits for a clean exit; on a timeout or a failure kills the group and fails, or,
+        with port_retry, raises PortTaken when the log says a port was taken."""
         left = max(1.0, timeout - (time.monotonic() - self.t0))
         try:
             rc = self.proc.wait(left)
         except subprocess.TimeoutExpired:
             self.kill()
+            if port_retry and self.port_taken():
+                raise PortTaken(self.name) from None
             pytest.fail(f"{self.name}: still running after {timeout} s, killed\n{self.tail()}")
         if self.seconds is None:  # the reaper thread has not run yet
             self.seconds = time.monotonic() - self.t0
         self._fh.close()
         if rc != 0:
             self.kill()
+            if port_retry and self.port_taken():
+                raise PortTaken(self.name)
             pytest.fail(f"{self.name}: exit {rc}\n{self.tail()}")
         return self
+
+
+class Launch:
+    """Jobs started together by `start(port, attempt)` (port: a fresh free one, for the jobs
+    that need one), waited on together. A failure whose log shows a port taken by another
+    process (PORT_TAKEN) starts them again with a fresh port, up to `attempts` in all;
+    `start` must begin from a clean run directory."""
+
+    def __init__(self, start, attempts: int = LAUNCH_ATTEMPTS):
+        self._start, self.attempts, self.attempt = start, attempts, 1
+        self.jobs: list[Job] = start(_free_port(), 1)
+
+    def wait(self) -> list[Job]:
+        while True:
+            try:
+                for job in self.jobs:
+                    job.wait(port_retry=self.attempt < self.attempts)
+                return self.jobs
+            except PortTaken as taken:
+                self.kill()
+                print(f"\n{taken}: a port was taken before it was bound; attempt {self.attempt + 1}")
+                self.attempt += 1
+                self.jobs = self._start(_free_port(), self.attempt)
+
+    def kill(self) -> None:
+        for job in self.jobs:
+            job.kill()
+
+
+def _fresh(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
+def _named(name: str, attempt: int) -> str:
+    return name if attempt == 1 else f"{name}.attempt{attempt}"
 
 
 def _metrics(run_dir: Path) -> dict[int, float]:
@@ -162,38 +221,44 @@ def references(work):
     """The uninterrupted runs, started at once in the background: 4 ranks on one agent
     (MULTINODE_STEPS) and 2 ranks (ELASTIC_STEPS, checkpoints every 2 steps)."""
     cache = work / "cache"
-    jobs = {
-        "four_ranks": Job("four_ranks", [LAUNCH / "local.sh", "--nproc-per-node=4", *TINY, f"data.cache_dir={cache}",
-                                         f"trainer.max_steps={MULTINODE_STEPS}",
-                                         f"hydra.run.dir={work / 'four_ranks'}"], work, _env()),
-        "straight": Job("straight", [LAUNCH / "local.sh", *TINY, f"data.cache_dir={cache}",
-                                     f"trainer.max_steps={ELASTIC_STEPS}", "trainer.ckpt_every=2",
-                                     f"hydra.run.dir={work / 'straight'}"], work, _env(NPROC_PER_NODE=2)),
+    jobs = {  # --standalone: torchrun picks its ports itself (the port given here is unused)
+        "four_ranks": Launch(lambda _, attempt: [Job(
+            _named("four_ranks", attempt), [LAUNCH / "local.sh", "--nproc-per-node=4", *TINY, f"data.cache_dir={cache}",
+                                            f"trainer.max_steps={MULTINODE_STEPS}",
+                                            f"hydra.run.dir={_fresh(work / 'four_ranks')}"], work, _env())]),
+        "straight": Launch(lambda _, attempt: [Job(
+            _named("straight", attempt), [LAUNCH / "local.sh", *TINY, f"data.cache_dir={cache}",
+                                          f"trainer.max_steps={ELASTIC_STEPS}", "trainer.ckpt_every=2",
+                                          f"hydra.run.dir={_fresh(work / 'straight')}"], work,
+            _env(NPROC_PER_NODE=2))]),
     }
     yield jobs
-    for job in jobs.values():
-        job.kill()
+    for launch in jobs.values():
+        launch.kill()
 
 
 def test_two_agents_on_one_machine_equal_one_agent_with_four_ranks(work, references):
-    run_dir, port, run_id = work / "two_agents", _free_port(), f"rt-{uuid.uuid4().hex[:8]}"
-    overrides = [*TINY, f"data.cache_dir={work / 'cache'}", f"trainer.max_steps={MULTINODE_STEPS}",
-                 f"hydra.run.dir={run_dir}"]
-    # the same launch two ways: options from the environment, and from flags
-    agents = [
-        Job("agent_env", [LAUNCH / "multinode.sh", *overrides], work,
-            _env(NNODES=2, NPROC_PER_NODE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RUN_ID=run_id)),
-        Job("agent_flags", [LAUNCH / "multinode.sh", "--nnodes=2", "--nproc-per-node", "2",
-                            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, "--", *overrides],
-            work, _env()),
-    ]
+    run_dir = work / "two_agents"
+
+    def start(port: int, attempt: int) -> list[Job]:
+        run_id = f"rt-{uuid.uuid4().hex[:8]}"
+        overrides = [*TINY, f"data.cache_dir={work / 'cache'}", f"trainer.max_steps={MULTINODE_STEPS}",
+                     f"hydra.run.dir={_fresh(run_dir)}"]
+        # the same launch two ways: options from the environment, and from flags
+        return [
+            Job(_named("agent_env", attempt), [LAUNCH / "multinode.sh", *overrides], work,
+                _env(NNODES=2, NPROC_PER_NODE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RUN_ID=run_id)),
+            Job(_named("agent_flags", attempt), [LAUNCH / "multinode.sh", "--nnodes=2", "--nproc-per-node", "2",
+                                                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, "--",
+                                                 *overrides], work, _env()),
+        ]
+
+    launch = Launch(start)
     try:
-        for a in agents:
-            a.wait()
+        agents = launch.wait()
     finally:
-        for a in agents:
-            a.kill()
-    ref = references["four_ranks"].wait()
+        launch.kill()
+    ref, = references["four_ranks"].wait()
     print(f"\ntwo agents: {max(a.seconds for a in agents):.1f} s; one agent, 4 ranks: {ref.seconds:.1f} s")
 
     log = (run_dir / "train.log").read_text()
@@ -245,40 +310,57 @@ def _latest_complete_step(ckpt_root: Path) -> int:
     return done[-1][0] if done else 0
 
 
+def _watch_and_kill(job: Job, run_dir: Path, kill_after: int, victim_rank: int):
+    """Watches the run directory; once a checkpoint >= kill_after is complete, SIGKILLs the
+    worker of local rank victim_rank (a child of the torchrun agent, which local.sh exec'ed
+    into), then notes the restarted workers' TORCHELASTIC_RESTART_COUNT until the job ends.
+    Returns (killed pid or None, the latest complete step when it was killed, restart counts)."""
+    killed = seen_step = None
+    restart_counts: set[str] = set()
+    while job.proc.poll() is None and time.monotonic() - job.t0 < TIMEOUT_S:
+        if killed is None and _latest_complete_step(run_dir / "checkpoints") < kill_after:
+            time.sleep(0.01)
+            continue
+        workers = {}
+        for pid in _children(job.pid):
+            env = _worker_env(pid)
+            if "LOCAL_RANK" in env:
+                workers[int(env["LOCAL_RANK"])] = (pid, env.get("TORCHELASTIC_RESTART_COUNT"))
+        if killed is None and victim_rank in workers:
+            seen_step = _latest_complete_step(run_dir / "checkpoints")
+            killed = workers[victim_rank][0]
+            os.kill(killed, signal.SIGKILL)
+        elif killed is not None:
+            restart_counts.update(count for pid, count in workers.values() if pid != killed)
+        time.sleep(0.05)
+    return killed, seen_step, restart_counts
+
+
 def test_killed_worker_restarts_and_resumes_bitwise(work, references):
     rng = random.Random(ELASTIC_SEED)
     kill_after = rng.choice([4, 6])  # a complete checkpoint at or after this step triggers the kill
     victim_rank = rng.choice([0, 1])
     run_dir = work / "elastic"
-    job = Job("elastic", [LAUNCH / "local.sh", "--nproc-per-node", "2", *TINY, f"data.cache_dir={work / 'cache'}",
-                          f"trainer.max_steps={ELASTIC_STEPS}", "trainer.ckpt_every=2", "trainer.resume=auto",
-                          f"hydra.run.dir={run_dir}"], work, _env(MAX_RESTARTS=2))
-    killed = seen_step = None
-    restart_counts: set[str] = set()
-    try:
-        # watch the run directory; once a checkpoint >= kill_after is complete, SIGKILL one
-        # worker (a child of the torchrun agent, which local.sh exec'ed into)
-        while job.proc.poll() is None and time.monotonic() - job.t0 < TIMEOUT_S:
-            if killed is None and _latest_complete_step(run_dir / "checkpoints") < kill_after:
-                time.sleep(0.01)
-                continue
-            workers = {}
-            for pid in _children(job.pid):
-                env = _worker_env(pid)
-                if "LOCAL_RANK" in env:
-                    workers[int(env["LOCAL_RANK"])] = (pid, env.get("TORCHELASTIC_RESTART_COUNT"))
-            if killed is None and victim_rank in workers:
-                seen_step = _latest_complete_step(run_dir / "checkpoints")
-                killed = workers[victim_rank][0]
-                os.kill(killed, signal.SIGKILL)
-            elif killed is not None:
-                restart_counts.update(count for pid, count in workers.values() if pid != killed)
-            time.sleep(0.05)
-        assert killed is not None, f"the run ended before a checkpoint >= step {kill_after}\n{job.tail()}"
-        job.wait()
-    finally:
-        job.kill()
-    ref = references["straight"].wait()
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        retry = attempt < LAUNCH_ATTEMPTS
+        job = Job(_named("elastic", attempt),
+                  [LAUNCH / "local.sh", "--nproc-per-node", "2", *TINY, f"data.cache_dir={work / 'cache'}",
+                   f"trainer.max_steps={ELASTIC_STEPS}", "trainer.ckpt_every=2", "trainer.resume=auto",
+                   f"hydra.run.dir={_fresh(run_dir)}"], work, _env(MAX_RESTARTS=2))
+        try:
+            killed, seen_step, restart_counts = _watch_and_kill(job, run_dir, kill_after, victim_rank)
+            if killed is not None:
+                job.wait(port_retry=retry)
+        except PortTaken:
+            continue
+        finally:
+            job.kill()
+        if retry and job.port_taken():  # torchrun's restarts absorbed a taken port: not the run set up here
+            print(f"\nelastic: a port was taken before it was bound; attempt {attempt + 1}")
+            continue
+        break
+    assert killed is not None, f"the run ended before a checkpoint >= step {kill_after}\n{job.tail()}"
+    ref, = references["straight"].wait()
     print(f"\nkilled local rank {victim_rank} (pid {killed}) once step {seen_step} was saved; "
           f"restart counts seen {sorted(restart_counts)}; elastic run {job.seconds:.1f} s, "
           f"uninterrupted {ref.seconds:.1f} s")
@@ -292,6 +374,52 @@ def test_killed_worker_restarts_and_resumes_bitwise(work, references):
     _assert_models_equal(run_dir / f"checkpoints/step_{ELASTIC_STEPS}/model.pt",
                          work / f"straight/checkpoints/step_{ELASTIC_STEPS}/model.pt")
     assert _metrics(run_dir) == _metrics(work / "straight")  # records after the resume point re-logged
+
+
+def test_a_launch_whose_port_was_taken_starts_again_with_a_fresh_port(tmp_path):
+    ports = []
+
+    def start(port, attempt):  # stand-ins for the launch scripts: the first two lose their port
+        ports.append(port)
+        script = "exit 0" if attempt == 3 else "echo 'DistNetworkError: ... name: EADDRINUSE'; exit 1"
+        return [Job(f"stub{attempt}", ["-c", script], tmp_path, _env())]
+
+    launch = Launch(start)
+    jobs = launch.wait()
+    assert (launch.attempt, len(ports), [j.name for j in jobs]) == (3, 3, ["stub3"])
+    assert all(isinstance(p, int) and p > 0 for p in ports)
+    # bounded: a port taken every time fails on the last attempt, with its log
+    always = Launch(lambda port, attempt: [Job(f"busy{attempt}", ["-c", "echo 'address already in use'; exit 1"],
+                                               tmp_path, _env())])
+    with pytest.raises(pytest.fail.Exception, match=f"busy{LAUNCH_ATTEMPTS}: exit 1"):
+        always.wait()
+    # any other failure is not retried
+    other = Launch(lambda port, attempt: [Job(f"other{attempt}", ["-c", "echo 'loss is nan'; exit 3"], tmp_path,
+                                              _env())])
+    with pytest.raises(pytest.fail.Exception, match="other1: exit 3"):
+        other.wait()
+
+
+def test_port_taken_matches_what_torch_says():
+    """The errors a taken port gives: a TCP store's bind, and c10d rendezvous falling back
+    to a client of a port nobody serves."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous.api import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError) as bind:
+            dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    assert PORT_TAKEN.search(str(bind.value)), bind.value
+    with socket.socket() as bound:  # bound, not listening: what a client's outgoing port looks like
+        bound.bind(("127.0.0.1", 0))
+        params = RendezvousParameters("c10d", f"127.0.0.1:{bound.getsockname()[1]}", "rt", 1, 1, read_timeout=1)
+        with pytest.raises(Exception) as client:
+            create_backend(params)
+    assert PORT_TAKEN.search(str(client.value)), client.value
 
 
 # ---------------------------------------------------------------------------------------

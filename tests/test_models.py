@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+import omegaconf
 import pytest
 import torch
 from torch import nn
@@ -211,7 +212,6 @@ def test_odd_head_dim_is_fine_without_rope():
 
 def test_configs_hold_only_omegaconf_friendly_fields():
     """int/float/bool/str, or a Literal of strings: with Literal relaxed to str, OmegaConf takes them."""
-    omegaconf = pytest.importorskip("omegaconf")
     assert typing.get_args(typing.get_type_hints(AttentionConfig)["kind"]) == ATTENTION_KINDS
     for cls in (ModelConfig, AttentionConfig, MoEConfig):
         fields = []

@@ -4,7 +4,6 @@ skipped; a run killed while saving leaves the previous checkpoint loadable."""
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import trainer.train  # noqa: F401  registers the schema
@@ -63,7 +63,7 @@ def _compose(overrides):
 
 @pytest.mark.parametrize("overrides, words", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_configuration_is_refused_naming_key_and_value(monkeypatch, tmp_path, overrides, words):
-    if __import__("torch").cuda.is_available() and any(w in ("needs a GPU", "trainer.device=cuda") for w in words):
+    if torch.cuda.is_available() and any(w in ("needs a GPU", "trainer.device=cuda") for w in words):
         pytest.skip("a GPU is visible")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would for 2 ranks
     with pytest.raises(ConfigError) as e:
@@ -139,23 +139,57 @@ def test_damaged_checkpoint_is_reported_and_skipped_and_keep_last_prunes(tmp_pat
     assert checkpoint.verify(root / "step_8") is None
 
 
+def _half_written_save(root: Path, after_step: int) -> Path | None:
+    """A `.tmp_step_<N>/` (N > after_step) with files in it and no meta.json: a save under way."""
+    for d in root.glob(".tmp_step_*"):
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:  # renamed to step_<N> meanwhile
+            continue
+        if int(d.name.rsplit("_", 1)[1]) > after_step and names and "meta.json" not in names:
+            return d
+    return None
+
+
 def test_a_run_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path, cache):
-    # a checkpoint every step, so most of the time is spent saving; SIGKILL at a random moment
+    # a checkpoint every step; the moment a save is seen half written the process is frozen
+    # (SIGSTOP), the save checked still half written (else it goes on: SIGCONT, look again),
+    # and only then killed: the kill always lands inside a save, after a complete one
     common = TINY + [f"data.cache_dir={cache}", "model=small", "trainer.ckpt_every=1", "trainer.keep_last=3",
                      "trainer.max_steps=40", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *common], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = tmp_path / "checkpoints"
-    deadline = time.time() + 90
-    while not (root / "step_3").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(7).uniform(0.0, 0.5))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    caught = None
+    try:
+        deadline = time.monotonic() + 120
+        while caught is None:
+            assert proc.poll() is None, "the run ended before a save was caught half written"
+            assert time.monotonic() < deadline, "no half-written save seen in 120 s"
+            half = _half_written_save(root, after_step=2)
+            if half is None:
+                time.sleep(0.005)
+                continue
+            os.kill(proc.pid, signal.SIGSTOP)
+            if _half_written_save(root, after_step=2) == half:
+                caught = half  # frozen with the save half written
+            else:
+                os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    step = int(caught.name.rsplit("_", 1)[1])
+    assert caught.is_dir() and not (caught / "meta.json").exists() and os.listdir(caught)  # the debris is left
+    assert not (root / f"step_{step}").exists()
+    with pytest.raises(ConfigError, match="trainer.resume"):  # the half checkpoint cannot be loaded
+        checkpoint.load(caught, model=torch.nn.Linear(1, 1), rank=0, world_size=1, device=torch.device("cpu"))
     done = checkpoint.complete_checkpoints(root)
-    assert done, "no checkpoint survived"
-    assert all(checkpoint.verify(p) is None for _, p in done)  # whatever has meta.json is whole
-    step = done[-1][0]
-    r = _train_one(common + [f"trainer.max_steps={step + 2}", "trainer.resume=auto"])
+    assert done[-1][0] == step - 1 and all(checkpoint.verify(p) is None for _, p in done)
+    assert checkpoint.latest(root) == root / f"step_{step - 1}"
+    # resume=auto continues from the previous complete checkpoint and saves over the debris
+    r = _train_one(common + [f"trainer.max_steps={step + 1}", "trainer.resume=auto"])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert f"at step {step}" in r.stdout + r.stderr
+    assert f"at step {step - 1}" in r.stdout + r.stderr
+    assert not list(root.glob(".tmp_step_*"))
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)][-2:] == [step, step + 1]
+    assert all(checkpoint.verify(root / f"step_{s}") is None for s in (step, step + 1))

@@ -1,16 +1,16 @@
 """Config tree: every group option and experiment composes and validates; typos and bad
 values stop the run with a message naming the key, before anything starts."""
 
-import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import trainer.train  # noqa: F401  registers the schema
-from trainer.config import TrainConfig, load_config
+from trainer.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "attention", "parallel", "precision", "optim", "data", "logger", "experiment"]
@@ -25,18 +25,51 @@ def _options(group):
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
+def _yaml(group, opt):
+    """An option's own values, read from its file (a `defaults:` list of an experiment kept apart)."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{opt}.yaml"))
+
+
+def _assert_holds(section, values, where):
+    for k, v in values.items():
+        got = getattr(section, k)
+        if isinstance(v, dict):
+            _assert_holds(got, v, f"{where}{k}.")
+        else:
+            assert got == v, f"{where}{k}: load_config gave {got!r}, the file says {v!r}"
+
+
+def _differs(section, values):
+    return any(_differs(getattr(section, k), v) if isinstance(v, dict) else getattr(section, k) != v
+               for k, v in values.items())
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_validates(group):
     opts = _options(group)
     assert opts, f"configs/{group} has no options"
+    default = load_config(_compose([]))
     for opt in opts:
         extra = [f"data.paths=[{CONFIGS}]"] if (group, opt) == ("data", "text") else []
         tc = load_config(_compose([f"{group}={opt}"] + extra))
-        assert isinstance(tc, TrainConfig)
-        if group == "attention":
-            assert tc.attention.kind == opt
-        if group == "data":
-            assert tc.data.kind == opt
+        values = _yaml(group, opt)
+        if group == "experiment":  # global: its keys name groups, its defaults swap group options
+            overrides = [next(iter(d.items())) for d in values.pop("defaults", [])]
+            for target, option in overrides:  # "override /attention": "gau"
+                g = target.split()[-1].lstrip("/")
+                own = values.get(g, {})
+                _assert_holds(getattr(tc, g), {k: v for k, v in _yaml(g, option).items() if k not in own}, f"{g}.")
+            _assert_holds(tc, values, "")
+            assert overrides and _differs(default, values)
+        else:
+            _assert_holds(getattr(tc, group), values, f"{group}.")
+            # the option was applied: what it sets is not all the default option's values
+            assert _differs(getattr(default, group), values) or values == _yaml(group, _default_option(group)), opt
+
+
+def _default_option(group):
+    entries = OmegaConf.to_container(OmegaConf.load(CONFIGS / "train.yaml"))["defaults"]
+    return next(e[group] for e in entries if isinstance(e, dict) and group in e)
 
 
 def test_defaults():
@@ -51,9 +84,9 @@ def test_experiment_holds_only_differences():
     assert tc.optim.lr == load_config(_compose([])).optim.lr  # untouched keys keep the defaults
 
 
-def test_instantiate_logger_groups(tmp_path):
+def test_instantiate_logger_groups(tmp_path, monkeypatch):
     from trainer.loggers import ConsoleLogger, WandbLogger, build_logger
-    os.environ["WANDB_MODE"] = "offline"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # for this test only
     for opt, cls in [("console", ConsoleLogger), ("wandb", WandbLogger)]:
         tc = load_config(_compose([f"logger={opt}"]))
         lg = build_logger(tc.logger, run_dir=tmp_path, config={"a": 1})

@@ -51,11 +51,14 @@ def _args():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each trial")
     ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the same for every precision)")
     ap.add_argument("--out", default=None, help="folder for precision_bench.json (rank 0)")
     a = ap.parse_args()
     for k in ("steps", "trials", "batch", "seq_len"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    if not a.lr >= 0:
+        ap.error(f"--lr must be >= 0, got {a.lr}")
     a.precisions, a.parallel = [s for s in a.precisions.split(",") if s], [s for s in a.parallel.split(",") if s]
     for key, names, allowed in (("precisions", a.precisions, PRECISIONS), ("parallel", a.parallel, PARALLEL)):
         bad = [n for n in names if n not in allowed]
@@ -81,10 +84,10 @@ class Engine:
         else:
             self.wrapper = apply_zero(model, stage=int(parallel[-1]), param_groups=groups, bucket_mb=a.bucket_mb,
                                       blocks=list(model.blocks), comm=self.comm, **mp)
-        self.wrapper.build_optimizer(lambda g: torch.optim.AdamW(g, lr=1e-4, betas=(0.9, 0.95)), groups)
+        self.wrapper.build_optimizer(lambda g: torch.optim.AdamW(g, lr=a.lr, betas=(0.9, 0.95)), groups)
         self.scaler = DynamicLossScaler() if self.policy.needs_loss_scaling else None  # DESIGN.md defaults
         self.device = device
-        self.loss = float("nan")
+        self.first_loss = self.loss = float("nan")  # the loss of its first step (initial weights) and last
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scale = self.scaler.scale if self.scaler else 1.0
@@ -94,6 +97,8 @@ class Engine:
         self.wrapper.finish_gradient_sync()
         unscale_clip_step(self.wrapper, self.scaler, max_norm=1.0)
         self.wrapper.zero_grad()
+        if self.first_loss != self.first_loss:  # NaN: this was the first step
+            self.first_loss = loss.item()
         return loss
 
     @property
@@ -153,7 +158,8 @@ def _report(a, ctx, base, engines, rates, skipped, matmul, flops_per_token, peak
         med = statistics.median(r)
         row = {"parallel": par, "precision": prec, "tokens_per_s": med, "min": min(r), "max": max(r),
                "ratio_vs_fp32": med / statistics.median(rates[(par, "fp32")]), "trials": r,
-               "skipped_steps": skipped[(par, prec)], "last_loss": engines[(par, prec)].loss,
+               "skipped_steps": skipped[(par, prec)], "steps": a.trials * (a.warmup + a.steps),
+               "first_loss": engines[(par, prec)].first_loss, "last_loss": engines[(par, prec)].loss,
                "matmul_gflops": matmul[prec] / 1e9}
         line = (f"{par:>8} {prec:>9} {med:>18.0f} {min(r):>9.0f} {max(r):>9.0f} {row['ratio_vs_fp32']:>7.2f}x "
                 f"{row['skipped_steps']:>7} {row['last_loss']:>7.3f} {row['matmul_gflops']:>14.1f}")

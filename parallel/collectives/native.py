@@ -75,7 +75,7 @@ def native_all_to_all(tp: Transport, out, inp, out_splits, in_splits, tuning) ->
 
 @register("broadcast", "native")
 def native_broadcast(tp: Transport, flat, src, tuning) -> None:
-    if tp.rank == src:
+    if tp.rank == src and tp.size > 1:  # a world of one sends nothing
         tp.stats.bytes_sent += flat.numel() * flat.element_size()
     tp.wait(dist.broadcast(flat, src=dist.get_global_rank(tp.group, src), group=tp.group, async_op=True), None)
 

@@ -16,6 +16,7 @@ group's timeout instead.
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from dataclasses import dataclass
 
@@ -91,19 +92,45 @@ class Transport:
             raise PeerFailure.from_error(e, [peer], self.deadline) from None
 
     def wait(self, work, peer: int | None) -> None:
-        """Waits for `work` (a message to or from global rank `peer`) until the deadline."""
+        """Waits for `work` (a message to or from global rank `peer`; None: one of
+        torch.distributed's own collectives) until the deadline."""
         if self.deadline is None or self._batch:
             work.wait()
             return
         left = self.deadline - time.monotonic()
-        try:  # a zero timeout would mean "no timeout" to torch
-            work.wait(datetime.timedelta(seconds=max(left, 1e-3)))
+        try:
+            if peer is None:
+                _wait_bounded(work, left)
+            else:  # a zero timeout would mean "no timeout" to torch
+                work.wait(datetime.timedelta(seconds=max(left, 1e-3)))
         except RuntimeError as e:
             raise PeerFailure.from_error(e, None if peer is None else [peer], self.deadline) from None
 
     def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
         """Blocking exchange: send `send` to dst while receiving `recv` from src."""
         wait_all(self.post([(send, dst)], [(recv, src)]))
+
+
+def _wait_bounded(work, left: float) -> None:
+    """work.wait() for at most `left` seconds, for collectives whose wait ignores the timeout
+    it is given: gloo's broadcast and reduce-scatter (torch 2.13) only give up at the process
+    group's own timeout. The wait runs on a helper thread; if it is still blocked just after
+    the deadline, this raises (the collective stays stuck: the caller ends the process)."""
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            work.wait(datetime.timedelta(seconds=max(left, 1e-3)))
+        except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
+            error.append(e)
+
+    waiter = threading.Thread(target=run, name="ringtrain-wait", daemon=True)
+    waiter.start()
+    waiter.join(max(left, 0.0) + 0.1)  # a backend that honours the timeout raises first
+    if waiter.is_alive():
+        raise RuntimeError(f"torch.distributed collective not finished {max(left, 0.0):.1f} s after it was waited on")
+    if error:
+        raise error[0]
 
 
 class Pending:

@@ -1,0 +1,106 @@
+"""What the model state of a data-parallel wrapper really occupies, measured from storage.
+
+`model_state_bytes()` on DataParallel and ZeroModel computes bytes from shard sizes: it says
+what a rank *should* hold. `measured_model_state_bytes(wrapper)` looks at what is allocated:
+the untyped storages behind every tensor of the model state, each storage counted once
+(whatever views point into it, and whether they are contiguous parts of it or not). A
+ZeRO-3 that forgets to free a gathered unit, a wrapper that keeps a stray gradient copy or
+an optimizer that holds full-size state shows up here and not in the computed figure.
+
+Counted, per rank, in this order; a storage reached again later is not counted again:
+
+- ``params``: the storages of the wrapped module's parameters (``wrapper.module.parameters()``);
+  for ZeroModel also every unit's flat ``full`` buffer (the parameters are views into it; a
+  stage-3 unit outside forward/backward has resized it to 0 bytes) and, in stage 3, the
+  persistent gather source of each unit: its half shard in mixed precision, else its float32
+  shard (the only persistent copy of the weights).
+- ``grads``: the ``.grad`` of every module parameter; DataParallel's bucket buffers;
+  ZeroModel's per-unit ``grad_full`` (stage 1) or ``grad_shard`` (stages 2, 3), and the
+  ``.grad`` of every tensor the optimizer updates (masters / shards: views of the above, or
+  float32 copies made by ``master_grads()`` when gradients travel in half precision).
+- ``staging``: ZeroModel stage 2/3 transient gradient buffers still allocated: the staging
+  pool (at most ``ZeroModel.STAGING`` per dtype, each the size of the largest unit, kept
+  between steps for reuse) plus any unit's ``staging`` / ``incoming`` buffer. Not part of
+  DESIGN.md's model-state formula; reported apart so a test can bound it.
+- ``optimizer``: every tensor the optimizer updates that was not reached above (DataParallel's
+  float32 masters in mixed precision; ZeroModel's float32 master shards when they are not
+  views of the parameters) and every tensor in ``optimizer.state`` (Adam's moments and its
+  step counters, scalars included). 0 before ``build_optimizer`` / the first step for state.
+
+``total`` is the sum of the four. Not counted: module buffers (RoPE tables and the like),
+activations, autograd's saved tensors, communication scratch. On CUDA the result also holds
+``cuda_allocated``: ``torch.cuda.memory_allocated`` of the parameters' device, everything the
+caching allocator has handed out there (not only model state), for comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _storage_key_and_bytes(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s._cdata, s.nbytes()
+
+
+class _Counter:
+    def __init__(self):
+        self.seen: set[int] = set()
+        self.bytes: dict[str, int] = {}
+
+    def add(self, kind: str, tensors) -> None:
+        total = self.bytes.setdefault(kind, 0)
+        for t in tensors:
+            if t is None or not torch.is_tensor(t):
+                continue
+            key, nbytes = _storage_key_and_bytes(t.detach())
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            total += nbytes
+        self.bytes[kind] = total
+
+
+def measured_model_state_bytes(wrapper) -> dict[str, int]:
+    """Per-rank bytes really allocated for `wrapper`'s model state (a DataParallel or a
+    ZeroModel): {"params", "grads", "staging", "optimizer", "total"} (+ "cuda_allocated" on
+    CUDA). See the module docstring for exactly what each entry counts. Local: no collective."""
+    from .data_parallel import DataParallel
+    from .zero import ZeroModel
+
+    if not isinstance(wrapper, (DataParallel, ZeroModel)):
+        raise TypeError(f"measured_model_state_bytes needs a DataParallel or ZeroModel, got {type(wrapper).__name__}")
+    c = _Counter()
+    params = list(wrapper.module.parameters())
+    optimizer = getattr(wrapper, "optimizer", None)
+    optimized = [q for g in optimizer.param_groups for q in g["params"]] if optimizer is not None else []
+
+    c.add("params", params)
+    if isinstance(wrapper, ZeroModel):
+        c.add("params", [u.full for u in wrapper.units])
+        if wrapper.stage == 3:
+            c.add("params", [u.half_shard if u.half_shard is not None else u.shard for u in wrapper.units])
+
+    c.add("grads", [p.grad for p in params])
+    if isinstance(wrapper, DataParallel):
+        c.add("grads", [b.buffer for b in wrapper.buckets])
+    else:
+        c.add("grads", [u.grad_full for u in wrapper.units] + [u.grad_shard for u in wrapper.units])
+    c.add("grads", [q.grad for q in optimized])
+
+    if isinstance(wrapper, ZeroModel):
+        c.add("staging", list(wrapper._staging_pool) + [u.staging for u in wrapper.units]
+              + [u.incoming for u in wrapper.units])
+    else:
+        c.add("staging", [])
+
+    c.add("optimizer", optimized)
+    if optimizer is not None:
+        c.add("optimizer", [t for state in optimizer.state.values() for t in state.values()])
+
+    out = {k: c.bytes[k] for k in ("params", "grads", "staging", "optimizer")}
+    out["total"] = sum(out.values())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "cuda":
+        out["cuda_allocated"] = int(torch.cuda.memory_allocated(device))
+    return out

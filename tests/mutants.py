@@ -1,0 +1,304 @@
+"""The kept mutants: each one breaks a mechanism on purpose, and the tests named for it must fail.
+
+    python tests/mutants.py                 # every mutant (a few minutes)
+    python tests/mutants.py --list          # names, files and target tests
+    python tests/mutants.py NAME [NAME ...] # only these
+    python tests/mutants.py --no-baseline   # skip the check that the targets pass unmutated
+    python tests/mutants.py --jobs 1        # one at a time (default 2, each in its own tree copy)
+
+The tree (the files git tracks plus untracked ones it does not ignore) is copied into a
+temporary directory, once per job. For each mutant, `old` (which must occur exactly once in
+`file`) is replaced by `new`, only the mutant's target tests run there (`pytest -x`),
+and the file is restored. A mutant is *killed* when pytest reports failing tests (exit
+1); a mutant whose targets pass *survived*; a collection error, a usage error or the
+time limit count as *error* (not killed: a mutant must break behaviour, not syntax).
+Before the mutants, the union of the targets runs once on the unmutated copy and must
+pass, or no kill would mean anything. Exit status 0 only if every mutant was killed.
+
+Run it before you stop on any change that touches what a mutant covers, and add a
+mutant (with the test that kills it) for every mechanism you build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 600  # per pytest run
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str                  # relative to the repository root
+    old: str                   # occurs exactly once in file
+    new: str
+    tests: tuple[str, ...]     # pytest node ids (files or single tests) that must fail
+    breaks: str                # the mechanism, in a few words
+
+
+MUTANTS: list[Mutant] = [
+    # -- collectives ------------------------------------------------------------------------
+    Mutant("ring-piece-bounds", "parallel/collectives/ring.py",
+           "    bounds = split_bounds(inp.numel(), tp.size)\n    ring_reduce_scatter_pieces",
+           "    bounds = [min(b + 1, inp.numel()) if 0 < i < tp.size else b\n"
+           "              for i, b in enumerate(split_bounds(inp.numel(), tp.size))]\n    ring_reduce_scatter_pieces",
+           ("tests/test_collectives.py::test_default_tuning_large_buffers[2]",),
+           "ring reduce-scatter's piece bounds shifted by one element"),
+    Mutant("all-to-all-splits-swapped", "parallel/collectives/api.py",
+           "impl(tp, out, _flat(input), outs, ins, tuning)", "impl(tp, out, _flat(input), ins, outs, tuning)",
+           ("tests/test_collectives.py::test_all_to_all_splits_that_differ_from_their_transpose[ring]",),
+           "all-to-all input and output split sizes swapped"),
+    Mutant("transport-counts-one-send-per-post", "parallel/collectives/transport.py",
+           "        for t, _ in sends:\n            self.stats.bytes_sent += t.numel() * t.element_size()\n",
+           "        for t, _ in sends[:1]:\n            self.stats.bytes_sent += t.numel() * t.element_size()\n",
+           ("tests/test_collectives.py::test_bytes_sent_match_each_algorithms_traffic[3]",),
+           "the transport counts only the first send of a post (all-to-all, tree broadcast)"),
+    Mutant("native-all-reduce-bytes-one-phase", "parallel/collectives/native.py",
+           "    tp.stats.bytes_sent += _ring_bytes(flat, tp.size, 2)\n",
+           "    tp.stats.bytes_sent += _ring_bytes(flat, tp.size, 1)\n",
+           ("tests/test_collectives.py::test_bytes_sent_match_each_algorithms_traffic[2]",),
+           "native all-reduce's byte estimate counts one phase instead of reduce-scatter + all-gather"),
+    Mutant("deadline-skips-all-gather", "parallel/collectives/communicator.py",
+           "        if self.timeout_s is not None:\n            plan = self._guarded(op, self.seq, plan)\n",
+           "        if self.timeout_s is not None and op != \"all_gather\":\n"
+           "            plan = self._guarded(op, self.seq, plan)\n",
+           ("tests/test_hang.py::test_survivors_fail_with_one_line[all_gather-ring-kill-sync]",),
+           "the communicator's deadline is not applied to all_gather"),
+    Mutant("native-wait-ignores-deadline", "parallel/collectives/transport.py",
+           "            if peer is None:\n                _wait_bounded(work, left)\n",
+           "            if False:\n                _wait_bounded(work, left)\n",
+           ("tests/test_hang.py::test_survivors_fail_with_one_line[reduce_scatter-native-sleep-async]",),
+           "native collectives waited with wait(timeout), which gloo's reduce-scatter ignores (hangs ~HANG_S)"),
+    # -- models -------------------------------------------------------------------------------
+    Mutant("rope-positions-off-by-one", "models/rope.py",
+           "positions = torch.arange(seq_len, device=device, dtype=torch.float32)",
+           "positions = torch.arange(1, seq_len + 1, device=device, dtype=torch.float32)",
+           ("tests/test_attention.py",),
+           "RoPE positions start at 1 instead of 0"),
+    Mutant("linear-state-not-carried", "models/attention/causal_linear.py",
+           "                state = state + kc.transpose(-1, -2) @ vc\n",
+           "                state = kc.transpose(-1, -2) @ vc\n",
+           ("tests/test_attention.py",),
+           "linear attention's key-value state not carried across chunks"),
+    # -- data parallel, ZeRO, precision -------------------------------------------------------
+    Mutant("zero3-never-frees", "parallel/zero.py",
+           "            unit.full.untyped_storage().resize_(0)\n            unit.gathered = False",
+           "            unit.gathered = False",
+           ("tests/test_zero.py::test_zero3_frees_gathered_parameters",),
+           "ZeRO-3 keeps gathered parameters instead of freeing them"),
+    Mutant("zero3-no-backward-regather", "parallel/zero.py",
+           "        self._reap()\n        for u in self._block_units(bi):\n            self._wait_gather(u)\n",
+           "        self._reap()\n",
+           ("tests/test_zero.py::test_zero_matches_single_process[3-2]",),
+           "ZeRO-3 does not gather a block's parameters again before its backward"),
+    Mutant("loss-not-unscaled", "parallel/precision.py",
+           "            torch._foreach_mul_(grads, 1.0 / scaler.scale)", "            pass",
+           ("tests/test_precision.py::test_mixed_precision_step_matches_single_process[2-ddp-fp16-half]",),
+           "fp16 gradients not divided by the loss scale"),
+    Mutant("overflow-flag-not-reduced", "parallel/precision.py",
+           '    wrapper.comm.all_reduce(flags, op="max")\n', "",
+           ("tests/test_precision.py::test_a_nan_loss_on_one_rank_is_caught_everywhere_and_named",),
+           "one rank's overflow skips the step on that rank only"),
+    Mutant("expert-grads-not-scaled-ddp", "parallel/data_parallel.py",
+           "prescale=1.0 / comm.world_size)", "prescale=1.0)",
+           ("tests/test_moe.py::test_expert_parallel_with_ddp_and_zero_matches_single_process",),
+           "DDP sums expert gradients over replicas without the 1/world scale"),
+    Mutant("expert-grads-not-scaled-zero", "parallel/zero.py",
+           "            grads.mul_(1.0 / self.p)\n", "",
+           ("tests/test_moe.py::test_expert_parallel_with_ddp_and_zero_matches_single_process",),
+           "ZeRO sums expert gradients over replicas without the 1/world scale"),
+    Mutant("zero3-frees-after-reduce-scatter", "parallel/zero.py",
+           "            if self.stage == 3 and unit.block >= 0:\n                # every gradient of the unit is in staging",
+           "            if False:\n                # every gradient of the unit is in staging",
+           ("tests/test_zero.py::test_zero3_frees_gathered_parameters",),
+           "ZeRO-3 holds a block's parameters until its reduce-scatter completes (3 blocks at once)"),
+    Mutant("zero-dcp-last-shard-offset", "parallel/zero.py",
+           "DTensor.from_local(t[:real],", "DTensor.from_local(t[u.S - real:],",
+           ("tests/test_zero.py::test_resharded_resume_from_4_to_2_ranks_follows_one_process",),
+           "the sharded optimizer state of a padded last shard is saved from the wrong offset"),
+    Mutant("ddp-unused-bucket-not-launched", "parallel/data_parallel.py",
+           "        self._launch_ready(force=True)\n        for b in self.buckets:",
+           "        self._launch_ready()\n        for b in self.buckets:",
+           ("tests/test_data_parallel.py::test_unused_parameter_flag_matches_single_process",),
+           "with find_unused_parameters, buckets holding an unused parameter are never reduced"),
+    Mutant("memory-storage-counted-per-view", "parallel/memory.py",
+           "            if key in self.seen:\n                continue\n", "",
+           ("tests/test_zero.py::test_model_state_bytes_follow_the_formula",),
+           "measured model state counts a storage once per tensor viewing it"),
+    Mutant("ddp-half-params-not-refreshed", "parallel/data_parallel.py",
+           "                torch._foreach_copy_(params, [self.master_of[id(p)] for p in params])",
+           "                pass",
+           ("tests/test_precision.py::test_mixed_precision_step_matches_single_process[2-ddp-bf16-fp32]",),
+           "DDP's half parameters are not refreshed from the float32 masters after a step"),
+    # -- trainer, data, checkpoints -----------------------------------------------------------
+    Mutant("sampler-position-not-restored", "trainer/data/sampler.py",
+           "        self.epoch, self.position = epoch, position\n", "        self.epoch = epoch\n",
+           ("tests/test_data.py::test_resume_matches_an_uninterrupted_run",),
+           "the data sampler's position is not restored on resume"),
+    Mutant("checkpoint-rename-before-all-ranks-wrote", "trainer/checkpoint.py",
+           '    _atomic_save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")\n    _barrier(group)\n',
+           '    _atomic_save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")\n',
+           ("tests/test_checkpoint.py",),
+           "rank 0 seals and renames the checkpoint before every rank has written"),
+    Mutant("ep-expert-optimizer-not-loaded-ddp", "parallel/data_parallel.py",
+           "        self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))\n",
+           "        if not self._expert_ids:\n"
+           "            self.optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))\n",
+           ("tests/test_trainer.py::test_moe_resume_with_ep2_is_exact[ddp]",),
+           "DDP with expert parallelism resumes without its optimizer_ep<r>.pt state"),
+    Mutant("ep-expert-optimizer-not-loaded-zero", "parallel/zero.py",
+           "        state = self._dtensor_state()\n        try:\n            dcp.load(",
+           '        state = {k: v for k, v in self._dtensor_state().items() if ".ep" not in k}\n'
+           "        try:\n            dcp.load(",
+           ("tests/test_trainer.py::test_moe_resume_with_ep2_is_exact[zero3]",),
+           "ZeRO resumes without the expert slices' optimizer state (their DCP keys)"),
+    Mutant("deepspeed-fp16-hysteresis-not-consecutive", "trainer/engines.py",
+           '"consecutive_hysteresis": True', '"consecutive_hysteresis": False',
+           ("tests/test_trainer.py::test_deepspeed_config_maps_stage_precision_and_loss_scaler",),
+           "DeepSpeed's fp16 hysteresis is not refilled by a clean step, unlike ringtrain's"),
+    Mutant("deepspeed-resume-skips-engine-state", "trainer/engines.py",
+           '        self.engine.load_checkpoint(str(path), tag="state")\n', "        pass\n",
+           ("tests/test_trainer.py::test_deepspeed_resume_is_exact",),
+           "engine=deepspeed resumes the weights but not DeepSpeed's optimizer state"),
+    Mutant("accelerate-resume-skips-engine-state", "trainer/engines.py",
+           "        self.acc.load_state(str(path))\n", "        pass\n",
+           ("tests/test_trainer.py::test_accelerate_resume_is_exact",),
+           "engine=accelerate resumes the weights but not Accelerate's optimizer state"),
+    Mutant("crashed-save-debris-not-cleared", "trainer/checkpoint.py",
+           "        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save\n", "",
+           ("tests/test_robustness.py::test_a_run_killed_while_saving_leaves_a_loadable_checkpoint",),
+           "a save after a crash mid-save trips over the .tmp_step_<N> it left"),
+]
+
+
+def _tree_files(root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                         capture_output=True, check=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (root / f).is_file()]
+
+
+def _copy_tree(root: Path, dest: Path) -> None:
+    for rel in _tree_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+
+
+def _pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int | None, str, float]:
+    """(exit code or None on the time limit, the output's tail, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=LIMIT_S)
+    except subprocess.TimeoutExpired as e:
+        return None, (e.stdout or b"")[-2000:].decode(errors="replace") if isinstance(e.stdout, bytes) else "", \
+            time.monotonic() - t0
+    return r.returncode, (r.stdout + r.stderr)[-3000:], time.monotonic() - t0
+
+
+def _first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ", 1)[1][:110]
+    return ""
+
+
+def _apply(tree: Path, m: Mutant) -> str:
+    path = tree / m.file
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(f"mutant {m.name}: the text to replace occurs {count} times in {m.file} "
+                         "(the code moved: update the mutant)")
+    path.write_text(text.replace(m.old, m.new))
+    return text
+
+
+def _run_mutant(tree: Path, m: Mutant) -> tuple[Mutant, str, float, str, str]:
+    original = _apply(tree, m)
+    try:
+        code, out, secs = _pytest(tree, m.tests)
+    finally:
+        (tree / m.file).write_text(original)
+    status = "killed" if code == 1 else "SURVIVED" if code == 0 else "ERROR"
+    detail = _first_failure(out) if code == 1 else ("time limit" if code is None else f"exit {code}")
+    return m, status, secs, detail, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the targets")
+    ap.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy (default 2)")
+    args = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if len(by_name) != len(MUTANTS):
+        raise SystemExit("two mutants share a name")
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown mutant(s) {unknown}; known: {sorted(by_name)}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    chosen = [by_name[n] for n in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:42s} {m.file:38s} {m.breaks}\n{'':42s} -> {' '.join(m.tests)}")
+        return 0
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ringtrain-mutants-") as tmp:
+        trees = [Path(tmp) / f"tree{j}" for j in range(min(args.jobs, len(chosen)))]
+        for tree in trees:
+            _copy_tree(ROOT, tree)
+        for m in chosen:  # every mutant must still apply before anything runs
+            (trees[0] / m.file).write_text(_apply(trees[0], m))
+        if not args.no_baseline:
+            targets = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            code, out, secs = _pytest(trees[0], targets)
+            print(f"baseline: {len(targets)} target(s), exit {code}, {secs:.0f} s", flush=True)
+            if code != 0:
+                print(out)
+                print("the targets fail without any mutant: fix that first")
+                return 2
+        results = []
+        # each worker thread owns one tree copy and takes mutants in list order
+        queue = list(chosen)
+        lock = threading.Lock()
+
+        def worker(tree: Path) -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    m = queue.pop(0)
+                result = _run_mutant(tree, m)
+                with lock:
+                    results.append(result)
+                    _, status, secs, detail, out = result
+                    print(f"{status:8s} {m.name:42s} {secs:5.0f} s  {detail}", flush=True)
+                    if status == "ERROR":
+                        print(out[-1500:])
+
+        threads = [threading.Thread(target=worker, args=(tree,)) for tree in trees]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    killed = sum(s == "killed" for _, s, _, _, _ in results)
+    print(f"{killed} of {len(results)} mutants killed in {time.monotonic() - t_start:.0f} s")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

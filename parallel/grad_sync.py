@@ -46,7 +46,7 @@ class GradSync:
         self.sync = True
         self._next = 0                          # in_order: index of the next unit to launch
         self._launched = 0                      # launches so far this step (orders the waits)
-        self._pool: list[torch.Tensor] = []
+        self.pool: list[torch.Tensor] = []      # staging buffers not in use
         self._slot: dict[int, tuple[int, int]] = {}
         for unit in units:
             for pi, q in enumerate(unit.params):
@@ -129,7 +129,7 @@ class GradSync:
         if unit.grad_full is None and unit.incoming is not None:
             unit.grad_shard.add_(unit.incoming)
             unit.incoming = None
-            self._pool.append(unit.staging)
+            self.pool.append(unit.staging)
             unit.staging = None
 
     def reap(self) -> None:
@@ -142,9 +142,9 @@ class GradSync:
         self.reap()
         while True:
             dtype, device = unit.grad_dtype, unit.params[0].device
-            for i, buf in enumerate(self._pool):
+            for i, buf in enumerate(self.pool):
                 if buf.dtype == dtype and buf.device == device and buf.numel() >= unit.padded:
-                    return self._pool.pop(i)
+                    return self.pool.pop(i)
             held = [u for u in self.units if u.staging is not None and u.grad_dtype == dtype]
             if len(held) < self.staging_buffers:
                 size = max(u.padded for u in self.units if u.grad_dtype == dtype)

@@ -10,16 +10,16 @@ an optimizer that holds full-size state shows up here and not in the computed fi
 Counted, per rank, in this order; a storage reached again later is not counted again:
 
 - ``params``: the storages of the wrapped module's parameters (``wrapper.module.parameters()``);
-  for ZeroModel also every unit's flat ``full`` buffer (the parameters are views into it; a
+  under ZeRO also every unit's flat ``full`` buffer (the parameters are views into it; a
   stage-3 unit outside forward/backward has resized it to 0 bytes) and, in stage 3, the
   persistent gather source of each unit: its half shard in mixed precision, else its float32
   shard (the only persistent copy of the weights).
-- ``grads``: the ``.grad`` of every module parameter; DataParallel's bucket buffers;
-  ZeroModel's per-unit ``grad_full`` (stage 1) or ``grad_shard`` (stages 2, 3), and the
+- ``grads``: the ``.grad`` of every module parameter; every unit's whole-gradient buffer
+  ``grad_full`` (DDP's buckets, ZeRO-1) or ``grad_shard`` (ZeRO-2/3), and the
   ``.grad`` of every tensor the optimizer updates (masters / shards: views of the above, or
   float32 copies made by ``master_grads()`` when gradients travel in half precision).
 - ``staging``: ZeroModel stage 2/3 transient gradient buffers still allocated: the staging
-  pool (at most ``ZeroModel.STAGING`` per dtype, each the size of the largest unit, kept
+  pool (at most ``GradSync.staging_buffers`` per dtype, each the size of the largest unit, kept
   between steps for reuse) plus any unit's ``staging`` / ``incoming`` buffer. Not part of
   DESIGN.md's model-state formula; reported apart so a test can bound it.
 - ``optimizer``: every tensor the optimizer updates that was not reached above (DataParallel's
@@ -65,10 +65,9 @@ def measured_model_state_bytes(wrapper) -> dict[str, int]:
     """Per-rank bytes really allocated for `wrapper`'s model state (a DataParallel or a
     ZeroModel): {"params", "grads", "staging", "optimizer", "total"} (+ "cuda_allocated" on
     CUDA). See the module docstring for exactly what each entry counts. Local: no collective."""
-    from .data_parallel import DataParallel
-    from .zero import ZeroModel
+    from .flat_model import FlatParamModel
 
-    if not isinstance(wrapper, (DataParallel, ZeroModel)):
+    if not isinstance(wrapper, FlatParamModel):
         raise TypeError(f"measured_model_state_bytes needs a DataParallel or ZeroModel, got {type(wrapper).__name__}")
     c = _Counter()
     params = list(wrapper.module.parameters())
@@ -76,23 +75,16 @@ def measured_model_state_bytes(wrapper) -> dict[str, int]:
     optimized = [q for g in optimizer.param_groups for q in g["params"]] if optimizer is not None else []
 
     c.add("params", params)
-    if isinstance(wrapper, ZeroModel):
-        c.add("params", [u.full for u in wrapper.units])
-        if wrapper.stage == 3:
-            c.add("params", [u.half_shard if u.half_shard is not None else u.shard for u in wrapper.units])
+    c.add("params", [u.full for u in wrapper.units])
+    if getattr(wrapper, "gather", None) is not None:  # ZeRO-3: the persistent gather sources
+        c.add("params", [u.half_shard if u.half_shard is not None else u.shard for u in wrapper.units])
 
     c.add("grads", [p.grad for p in params])
-    if isinstance(wrapper, DataParallel):
-        c.add("grads", [b.buffer for b in wrapper.buckets])
-    else:
-        c.add("grads", [u.grad_full for u in wrapper.units] + [u.grad_shard for u in wrapper.units])
+    c.add("grads", [u.grad_full for u in wrapper.units] + [u.grad_shard for u in wrapper.units])
     c.add("grads", [q.grad for q in optimized])
 
-    if isinstance(wrapper, ZeroModel):
-        c.add("staging", list(wrapper._staging_pool) + [u.staging for u in wrapper.units]
-              + [u.incoming for u in wrapper.units])
-    else:
-        c.add("staging", [])
+    c.add("staging", list(wrapper.grad_sync.pool) + [u.staging for u in wrapper.units]
+          + [u.incoming for u in wrapper.units])
 
     c.add("optimizer", optimized)
     if optimizer is not None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from parallel.data_parallel import _plan_buckets
+from parallel.flat_params import plan_buckets
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
@@ -48,7 +48,7 @@ def test_bucket_plan_caps_order_and_dtypes():
     params = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in
               [(100, torch.float32), (300, torch.float32), (50, torch.float64), (1000, torch.float32),
                (10, torch.float32)]]
-    groups = _plan_buckets(params, bucket_bytes=1600, first_bucket_bytes=400)
+    groups = plan_buckets(params, bucket_bytes=1600, first_bucket_bytes=400)
     # first bucket capped at 400 B: only the 100-element parameter; a parameter larger than
     # the cap gets its own bucket; float64 never shares a bucket with float32
     assert [[p.numel() for p in g] for g in groups] == [[100], [300], [50], [1000], [10]]

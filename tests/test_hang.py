@@ -3,7 +3,7 @@ Communicator(timeout_s=3), then rank 2 stops taking part (sleeps, or SIGKILLs
 itself). Ranks 0 and 1 must exit non-zero, each printing exactly one line that
 names the collective, its sequence number (the same on both) and rank 2 as the
 missing rank - not hang. Every op appears, and every algorithm (ring, rhd, tree,
-native). The ranks (tests/hang_worker.py, forked from one process that imported torch
+native). The ranks (tests/helpers/hang_worker.py, forked from one process that imported torch
 once) join like torchrun workers through a store this test hosts, as torchrun's agent
 does; all scenarios run at the same time to keep the test short.
 
@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     plan_file = tmp_path_factory.mktemp("plan") / "plan.json"
     plan_file.write_text(json.dumps(plan))
     # the launcher kills every rank by HANG_S; this limit only guards against the launcher itself
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "hang_worker.py"), str(plan_file)],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "helpers", "hang_worker.py"), str(plan_file)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=HANG_S + 120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ skipped; a run killed while saving leaves the previous checkpoint loadable."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from hydra import compose, initialize_config_dir
 
 import trainer.train  # noqa: F401  registers the schema
 from trainer import checkpoint
+from trainer.checkpoint import CheckpointManager
 from trainer.structured import ConfigError
-from trainer.train import check_config
+from trainer.train import check_config, load_checked_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "trainer.micro_batch_size=2", "trainer.progress=false", "trainer.eval_batches=1",
@@ -53,6 +55,10 @@ BAD = [
     (["trainer.device=cuda"], ["trainer.device=cuda"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite", "ignore"]),
     (["parallel.timeout_s=0"], ["parallel.timeout_s", "0"]),
+    (["engine=deepspeed", "precision=fp16", "precision.growth_factor=4"], ["precision.growth_factor=4"]),
+    # the data's size, checked before any process group too (the validation split is 0.5 % of it)
+    (["model=tiny", "model.seq_len=100000"], ["model.seq_len=100000", "validation split", "data.val_fraction"]),
+    (["model=tiny", "trainer.micro_batch_size=300000"], ["trainer.micro_batch_size=300000", "training split"]),
 ]
 
 
@@ -62,12 +68,12 @@ def _compose(overrides):
 
 
 @pytest.mark.parametrize("overrides, words", BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_configuration_is_refused_naming_key_and_value(monkeypatch, tmp_path, overrides, words):
+def test_bad_configuration_is_refused_naming_key_and_value(monkeypatch, tmp_path, cache, overrides, words):
     if torch.cuda.is_available() and any(w in ("needs a GPU", "trainer.device=cuda") for w in words):
         pytest.skip("a GPU is visible")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would for 2 ranks
-    with pytest.raises(ConfigError) as e:
-        check_config(_compose(overrides), tmp_path)
+    with pytest.raises(ConfigError) as e:  # what train() checks before init_process_group
+        load_checked_data(check_config(_compose(overrides + [f"data.cache_dir={cache}"]), tmp_path))
     message = str(e.value)
     assert "\n" not in message and all(w in message for w in words), message
 
@@ -85,12 +91,15 @@ def _rank0_console(log_dir: Path) -> str:
     return out.read_text() + err.read_text()
 
 
-def test_a_real_launch_prints_one_line_and_no_traceback(tmp_path):
-    line = "ringtrain: config error: parallel.bucket_mb must be > 0, got -1.0"
-    r = _launch(["parallel.bucket_mb=-1", f"hydra.run.dir={tmp_path / 'run'}"], log_dir=tmp_path / "logs")
-    assert r.returncode != 0
-    console = _rank0_console(tmp_path / "logs")
-    assert console.strip().splitlines() == [line], console  # one line, no traceback
+@pytest.mark.parametrize("override, start", [
+    ("parallel.bucket_mb=-1", "ringtrain: config error: parallel.bucket_mb must be > 0, got -1.0"),
+    ("model.seq_len=100000", "ringtrain: config error: the validation split (data.val_fraction) has "),
+])
+def test_a_real_launch_prints_one_line_and_no_traceback(tmp_path, cache, override, start):
+    r = _launch([override, f"data.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}"], log_dir=tmp_path / "logs")
+    assert r.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", r.stderr), r.stderr[-2000:]  # the ranks' status 2
+    console = _rank0_console(tmp_path / "logs").strip().splitlines()
+    assert len(console) == 1 and console[0].startswith(start), console  # one line, no traceback
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
 
 
@@ -182,7 +191,8 @@ def test_a_run_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path, cache)
     assert caught.is_dir() and not (caught / "meta.json").exists() and os.listdir(caught)  # the debris is left
     assert not (root / f"step_{step}").exists()
     with pytest.raises(ConfigError, match="trainer.resume"):  # the half checkpoint cannot be loaded
-        checkpoint.load(caught, model=torch.nn.Linear(1, 1), rank=0, world_size=1, device=torch.device("cpu"))
+        CheckpointManager(root, rank=0, world_size=1).load(caught, model=torch.nn.Linear(1, 1),
+                                                           device=torch.device("cpu"))
     done = checkpoint.complete_checkpoints(root)
     assert done[-1][0] == step - 1 and all(checkpoint.verify(p) is None for _, p in done)
     assert checkpoint.latest(root) == root / f"step_{step - 1}"

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from trainer import checkpoint
+from trainer.checkpoint import CheckpointManager
 from trainer.structured import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,28 @@ def _ok(r):
 
 def _metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _load(path, *, world_size=2, **layout):
+    """trainer/checkpoint.py's load into a throwaway model, as a run with this layout would."""
+    layout = {"engine": "native", "parallel": "ddp", "ep_size": 1, **layout}
+    return CheckpointManager(Path(path).parent, rank=0, world_size=world_size, layout=layout).load(
+        Path(path), model=torch.nn.Linear(1, 1), device=torch.device("cpu"))
+
+
+def _sharded_keys(step_dir) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+    return sorted(FileSystemReader(str(Path(step_dir) / "optimizer")).read_metadata().state_dict_metadata)
+
+
+def _read_sharded(step_dir, keys) -> dict:
+    """Plain (unsharded) tensors of a checkpoint's DCP state, read without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(str(Path(step_dir) / "optimizer")).read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
+    dcp.load(state, checkpoint_id=str(Path(step_dir) / "optimizer"), no_dist=True)
+    return state
 
 
 def _max_rel(rows, ref, key="loss"):
@@ -74,19 +97,22 @@ def test_two_ranks_train_log_evaluate_checkpoint(tmp_path, cache):
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     for r in rows:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
                     "comm_bytes_per_step", "comm_wait_s_per_step"):
             assert isinstance(r.get(key), (int, float)) and math.isfinite(r[key]), (key, r)  # a finite number
         assert r["comm_bytes_per_step"] > 0
+        assert "mfu" in r and r["mfu"] is None  # a CPU has no honest peak unless trainer.peak_tflops says
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
     assert {r["step"] for r in rows if "val_loss" in r} == {20, 40}
     done = checkpoint.complete_checkpoints(run_dir / "checkpoints")
     assert [s for s, _ in done] == [30, 40]  # keep_last=2
     files = set(os.listdir(done[-1][1]))
-    assert {"meta.json", "model.pt", "optimizer.pt", "rank_0.pt", "rank_1.pt"} <= files
+    assert {"meta.json", "model.pt", "optimizer", "rank_0.pt", "rank_1.pt"} <= files
+    assert all(k.endswith((".exp_avg", ".exp_avg_sq", ".step")) for k in _sharded_keys(done[-1][1]))
     assert (run_dir / "config.yaml").is_file()
     log = (run_dir / "train.log").read_text()
     assert log.count("run dir") == 1  # rank 0 alone writes the log
+    assert "peak none on CPU: MFU is null unless trainer.peak_tflops is set" in log
     from trainer.export import export, load_exported
     model = load_exported(export(done[-1][1], tmp_path / "model.pt"))
     saved = torch.load(done[-1][1] / "model.pt")
@@ -156,10 +182,15 @@ def test_every_experiment_composes_and_runs_two_steps(tmp_path, cache):
 
 def test_plain_python_world_of_one_with_wandb_offline(tmp_path, cache):
     run_dir = tmp_path / "run"
-    _ok(_run(TINY + [f"data.cache_dir={cache}", "trainer.max_steps=4", "trainer.log_every=2",
-                     "trainer.eval_batches=1", "logger=wandb", f"hydra.run.dir={run_dir}"],
+    _ok(_run(TINY + [f"data.cache_dir={cache}", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_batches=1",
+                     "logger=wandb", "trainer.peak_tflops=0.5", f"hydra.run.dir={run_dir}"],
              env={"WANDB_MODE": "offline"}))
-    assert [r["step"] for r in _metrics(run_dir)] == [2, 4]
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [2, 4]
+    # with a peak given, MFU is the model FLOP/s over it: the same FLOPs per token in every record
+    per_token = [r["mfu"] * 0.5e12 / r["tokens_per_s"] for r in rows]
+    assert per_token[0] > 0 and per_token[0] == pytest.approx(per_token[1], rel=1e-9)
+    assert "peak 0.50 TFLOP/s (trainer.peak_tflops)" in (run_dir / "train.log").read_text()
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert _metrics(run_dir)[0]["comm_bytes_per_step"] == 0  # one rank sends nothing
@@ -198,8 +229,7 @@ def test_incomplete_checkpoints_are_never_loaded(tmp_path):
     (root / ".tmp_step_12").mkdir()         # crashed mid-write
     assert checkpoint.latest(root) == root / "step_5"
     with pytest.raises(ValueError, match="trainer.resume"):
-        checkpoint.load(root / "step_9", model=torch.nn.Linear(1, 1), rank=0,
-                        world_size=1, device=torch.device("cpu"))
+        _load(root / "step_9", world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +283,7 @@ def test_zero3_resume_is_exact(tmp_path, cache, zero_runs):
                      f"hydra.run.dir={tmp_path}"], n=2))
     _assert_resumed_exactly(straight, tmp_path, at=10, end=20)
     with pytest.raises(ConfigError, match="saved with parallel=zero3"):  # its optimizer is laid out otherwise
-        checkpoint.load(step_10, model=torch.nn.Linear(1, 1), rank=0, world_size=2, device=torch.device("cpu"),
-                        parallel="ddp")
+        _load(step_10, parallel="ddp")
 
 
 @pytest.mark.parametrize("stage", [3])  # stages 1 and 2 write their optimizer the same way
@@ -307,15 +336,18 @@ def test_deepspeed_engine_follows_native(cache, engine_runs, zero_runs, ddp_traj
     ds, native = _metrics(run_dir), _native(parallel, ddp_trajectories, zero_runs)
     assert len(ds) == (20 if parallel == "zero3" else 10) and _max_rel(ds, native) <= 1e-5
     assert ds[-1]["comm_bytes_per_step"] is None and ds[-1]["peak_mem_mb"] > 0
-    # DeepSpeed ran the stage asked for: its own optimizer's record of it, one partition per rank
-    state = run_dir / "checkpoints" / f"step_{len(ds)}" / "deepspeed" / "state"
-    shards = sorted(p.name for p in state.glob("*optim_states.pt"))
+    # DeepSpeed ran the stage asked for: its own optimizer's record of it (kept in each rank's
+    # checkpoint state), one partition per rank
+    from trainer.engines.deepspeed import decode
     stage = 0 if parallel == "ddp" else int(parallel[-1])
-    assert len(shards) == (0 if stage == 0 else 2), shards
-    for name in shards:
-        opt = torch.load(state / name, weights_only=False)["optimizer_state_dict"]
+    for r in (0, 1):
+        local = torch.load(run_dir / "checkpoints" / f"step_{len(ds)}" / f"rank_{r}.pt", weights_only=True)["engine"]
+        opt = decode(local["optimizer"])
+        if stage == 0:  # a plain torch optimizer state
+            assert "zero_stage" not in opt and set(opt) == {"state", "param_groups"}, sorted(opt)
+            continue
         counts = opt["partition_count"]  # one per parameter group (stage 3: one number)
-        assert int(opt["zero_stage"]) == stage and set(counts if isinstance(counts, list) else [counts]) == {2}, name
+        assert int(opt["zero_stage"]) == stage and set(counts if isinstance(counts, list) else [counts]) == {2}, r
     if parallel == "zero3":
         got, ref = torch.load(run_dir / "checkpoints/step_20/model.pt"), ddp_trajectories[2][1]
         for k in ref:
@@ -360,12 +392,19 @@ def test_deepspeed_config_maps_stage_precision_and_loss_scaler(monkeypatch):
 
     from parallel.loss_scale import DynamicLossScaler
     from trainer.config import ParallelConfig, PrecisionConfig, TrainConfig
-    from trainer.engines import deepspeed_config
+    from trainer.engines.deepspeed import deepspeed_config as ds_config
+
+    def deepspeed_config(tc: TrainConfig) -> dict:
+        tc.validate()
+        return ds_config(tc.parallel, tc.precision, tc.optim, tc.trainer)
 
     for name, stage in [("ddp", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3)]:
         assert deepspeed_config(TrainConfig(parallel=ParallelConfig(name=name)))["zero_optimization"]["stage"] == stage
     bf16 = deepspeed_config(TrainConfig(precision=PrecisionConfig(name="bf16")))
     assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
+    # bucket sizes in elements, rounded up to DeepSpeed's start alignment (2): 0.05 MiB is 13107.2
+    odd = deepspeed_config(TrainConfig(parallel=ParallelConfig(name="zero2", bucket_mb=0.05)))["zero_optimization"]
+    assert odd["reduce_bucket_size"] == odd["allgather_bucket_size"] == 13108
     p = PrecisionConfig(name="fp16", init_scale=2.0**10, growth_interval=5, hysteresis=3, min_scale=4.0)
     cfg = deepspeed_config(TrainConfig(precision=p))
     assert not cfg["bf16"]["enabled"]
@@ -397,8 +436,8 @@ def test_deepspeed_config_maps_stage_precision_and_loss_scaler(monkeypatch):
     # what DeepSpeed cannot express is refused, naming the key
     for key, value in [("init_scale", 3000.0), ("growth_factor", 4.0), ("backoff_factor", 0.25), ("min_scale", 1.5)]:
         bad = PrecisionConfig(**{**dataclasses.asdict(p), key: value})
-        with pytest.raises(ConfigError, match=f"precision.{key}="):
-            deepspeed_config(TrainConfig(precision=bad))
+        with pytest.raises(ValueError, match=f"precision.{key}="):  # before any process group
+            TrainConfig(engine="deepspeed", precision=bad).validate()
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "zero3"])
@@ -409,7 +448,8 @@ def test_accelerate_engine_follows_native(cache, engine_runs, zero_runs, ddp_tra
     got = _metrics(run_dir)
     assert len(got) == (20 if parallel == "ddp" else 10)
     assert _max_rel(got, _native(parallel, ddp_trajectories, zero_runs)) <= 1e-5
-    assert (run_dir / "checkpoints" / f"step_{len(got)}" / "accelerate").is_dir()
+    keys = _sharded_keys(run_dir / "checkpoints" / f"step_{len(got)}")  # its optimizer, through DCP
+    assert "lm_head.weight.exp_avg" in keys or "tok_emb.weight.exp_avg" in keys, keys
 
 
 def test_accelerate_bf16_follows_its_fp32_run(cache, engine_runs):
@@ -436,7 +476,7 @@ def test_checkpoint_of_another_model_or_missing_shard_is_refused(tmp_path, cache
     shutil.copytree(ckpt, broken)
     next((broken / "optimizer").glob("__1_*.distcp")).unlink()  # rank 1's optimizer shard
     with pytest.raises(ConfigError, match="damaged checkpoint: optimizer/__1_0.distcp is missing"):
-        checkpoint.load(broken, model=torch.nn.Linear(1, 1), rank=0, world_size=2, device=torch.device("cpu"))
+        _load(broken, parallel="zero3")
 
 
 def test_fp16_logs_the_loss_scale_and_resume_restores_the_scaler(tmp_path, cache):
@@ -508,18 +548,16 @@ def test_moe_on_2x2_ranks_follows_one_rank_with_the_full_batch(cache, moe_one_ra
 
 @pytest.mark.parametrize("parallel", ["ddp", "zero3"])
 def test_moe_resume_with_ep2_is_exact(tmp_path, cache, moe_2x2, parallel):
-    # each expert slice has its own optimizer state (DDP: optimizer_ep<r>.pt from the first
-    # replica of ep rank r; ZeRO: DCP keys naming the slice); resuming must load every one of them
+    # each expert slice has its own optimizer state (DCP keys naming the slice: DDP by parameter,
+    # ZeRO by unit); resuming must load every one of them
     straight = moe_2x2(parallel)
     step_10 = straight / "checkpoints" / "step_10"
-    if parallel == "ddp":
-        assert sorted(p.name for p in step_10.glob("optimizer*.pt")) == ["optimizer_ep0.pt", "optimizer_ep1.pt"]
-        ep0, ep1 = (torch.load(step_10 / f"optimizer_ep{r}.pt")["state"] for r in (0, 1))
-        assert any(not torch.equal(ep0[i]["exp_avg"], ep1[i]["exp_avg"]) for i in ep0)  # the slices differ
-    else:
-        from torch.distributed.checkpoint import FileSystemReader
-        keys = FileSystemReader(str(step_10 / "optimizer")).read_metadata().state_dict_metadata
-        assert any(".ep0." in k for k in keys) and any(".ep1." in k for k in keys), sorted(keys)
+    keys = _sharded_keys(step_10)
+    ep0 = [k for k in keys if ".ep0." in k and k.endswith(".exp_avg")]
+    assert ep0 and all(k.replace(".ep0.", ".ep1.") in keys for k in ep0), keys
+    if parallel == "ddp":  # plain tensors: the slices' states differ
+        state = _read_sharded(step_10, ep0 + [k.replace(".ep0.", ".ep1.") for k in ep0])
+        assert any(not torch.equal(state[k], state[k.replace(".ep0.", ".ep1.")]) for k in ep0)
     _ok(_run(MOE_2X2 + [f"data.cache_dir={cache}", f"parallel={parallel}", f"trainer.resume={step_10}",
                         f"hydra.run.dir={tmp_path}"], n=4))
     _assert_resumed_exactly(straight, tmp_path, at=10, end=20)

@@ -40,7 +40,7 @@ def test_model_state_bytes_follow_the_formula(memory, name):
     """Computed (`model_state_bytes()`) and measured after each step (the storage of parameters,
     gradients, masters and optimizer state, parallel/memory.py), within 2 % of the formula
     (padding to a multiple of N, Adam's step counters); the stage 2/3 staging buffers are
-    reported apart and stay within ZeroModel.STAGING buffers of the largest unit."""
+    reported apart and stay within GradSync.staging_buffers buffers of the largest unit."""
     for rank, res in enumerate(memory):
         r = res[name]
         want = _formula(name, r["n_params"], MEMORY_WORLD)
@@ -79,7 +79,7 @@ def test_zero3_frees_gathered_parameters(memory):
 
 
 def test_resharded_resume_from_4_to_2_ranks_follows_one_process(pools, tmp_path):
-    """Stages 1-3: 2 steps on 4 ranks, save_optimizer (DCP) + the consolidated model, then on
+    """Stages 1-3: 2 steps on 4 ranks, a checkpoint (DCP optimizer state + the consolidated model), then on
     2 ranks load both and continue 2 steps on the same global batches: every continued step's
     pre-clip norm and the final weights (compared in the case: rtol 2e-6, atol 1e-6) equal one
     process trained straight through. Some units' lengths are not multiples of 4, so the

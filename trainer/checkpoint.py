@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -98,8 +99,9 @@ def verify(path: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"meta.json unreadable ({e})"
     files = meta.get("files")
-    if not isinstance(files, dict):
-        return "meta.json lists no files (not a ringtrain checkpoint of format >= 2)"
+    if not isinstance(files, dict):  # format 1 listed names only: check they exist
+        missing = [n for n in (files or []) if not (path / n).exists()]
+        return f"missing {missing}" if missing else None
     for name, (size, crc) in files.items():
         f = path / name
         if not f.is_file():
@@ -258,10 +260,15 @@ class CheckpointManager:
         if not rank_file.is_file():
             raise ConfigError(f"{where}: {rank_file.name} is missing")
         try:
-            model.load_state_dict(read_model_state(path, device))
+            model_state = read_model_state(path, device)
+            state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only refused an object: loading it could run code
+            raise ConfigError(f"{where}: refused, it holds objects other than tensors and plain types "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        try:
+            model.load_state_dict(model_state)
         except RuntimeError as e:  # missing / unexpected keys or shapes: another model
             raise ConfigError(f"{where}: the checkpoint holds another model: {e}") from None
-        state = torch.load(rank_file, map_location="cpu", weights_only=True)
         set_rng_state(state.pop("rng"))
         return Restored(path, int(meta["step"]), state, resharded)
 

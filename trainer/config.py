@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.config import AttentionConfig, ModelConfig
@@ -227,12 +228,9 @@ class TrainConfig:
             raise ValueError(f"parallel.ep_size={ep} needs MoE layers; model.moe.num_experts is {experts}")
         if experts % ep:
             raise ValueError(f"model.moe.num_experts={experts} must be divisible by parallel.ep_size={ep}")
-        if ep > 1 and self.engine != "native":
-            raise ValueError(f"parallel.ep_size={ep} (expert parallelism) runs with engine=native; "
-                             f"got engine={self.engine} (with parallel.ep_size=1 every engine takes MoE models)")
-        if self.engine == "accelerate" and self.parallel.name == "zero1":
-            raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
-                             "through FSDP: use parallel=ddp, zero2 or zero3)")
+        from .engines import check_config  # what the chosen engine cannot run, in its own module
+
+        check_config(self, cuda=torch.cuda.is_available())
         self.model.validate(self.attention)  # the model / attention pair (RoPE head dim, GAU without MLP)
 
 
@@ -244,12 +242,6 @@ def check_launch(tc: TrainConfig, *, world_size: int, cuda: bool) -> None:
         (tc.trainer.device == "cuda" and not cuda, "trainer.device=cuda but no CUDA device is visible"),
         (tc.parallel.backend == "nccl" and not want_cuda,
          "parallel.backend=nccl needs CUDA GPUs (trainer.device cuda or auto with a GPU visible); use gloo or auto"),
-        (tc.engine == "accelerate" and tc.parallel.name != "ddp" and not want_cuda,
-         f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which needs a GPU "
-         "(Accelerate refuses FSDP on CPU); use parallel=ddp here"),
-        (tc.engine == "deepspeed" and tc.precision.name == "fp16" and not want_cuda,
-         "engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
-         "use precision=bf16, or engine=native for fp16 with loss scaling on CPU"),
         (world_size % tc.parallel.ep_size != 0,
          f"parallel.ep_size={tc.parallel.ep_size} must divide the world size {world_size}"),
     ]

@@ -19,16 +19,14 @@ from .transport import Transport
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def _reduce_op(op: str, group):
-    if op == "avg":
-        return dist.ReduceOp.AVG
-    return _OPS[op]
+def _reduce_op(op: str):
+    return dist.ReduceOp.AVG if op == "avg" else _OPS[op]
 
 
 @register("all_reduce", "native")
 def native_all_reduce(tp: Transport, flat, op, tuning) -> None:
     tp.stats.bytes_sent += _ring_bytes(flat, tp.size, 2)
-    tp.wait(dist.all_reduce(flat, op=_reduce_op(op, tp.group), group=tp.group, async_op=True), None)
+    tp.wait(dist.all_reduce(flat, op=_reduce_op(op), group=tp.group, async_op=True), None)
 
 
 @register("reduce_scatter", "native")
@@ -36,7 +34,7 @@ def native_reduce_scatter(tp: Transport, out, inp, op, tuning) -> None:
     p = tp.size
     tp.stats.bytes_sent += _ring_bytes(inp, p, 1)
     if inp.numel() % p == 0:
-        tp.wait(dist.reduce_scatter_tensor(out, inp, op=_reduce_op(op, tp.group), group=tp.group,
+        tp.wait(dist.reduce_scatter_tensor(out, inp, op=_reduce_op(op), group=tp.group,
                                           async_op=True), None)
         return
     bounds = split_bounds(inp.numel(), p)
@@ -45,7 +43,7 @@ def native_reduce_scatter(tp: Transport, out, inp, op, tuning) -> None:
     for c in range(p):
         padded[c * width: c * width + bounds[c + 1] - bounds[c]].copy_(inp[bounds[c]:bounds[c + 1]])
     piece = inp.new_empty(width)
-    tp.wait(dist.reduce_scatter_tensor(piece, padded, op=_reduce_op(op, tp.group), group=tp.group,
+    tp.wait(dist.reduce_scatter_tensor(piece, padded, op=_reduce_op(op), group=tp.group,
                                       async_op=True), None)
     out.copy_(piece[: out.numel()])
 

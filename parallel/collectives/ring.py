@@ -65,7 +65,7 @@ def ring_reduce_scatter_pieces(tp: Transport, src: torch.Tensor, bounds: list[in
         s, j = divmod(k, nseg)
         a, b = segs[send_c[s]][j:j + 2]
         c, d = segs[recv_c[s]][j:j + 2]
-        return tp.post([(sources[s][a:b], nxt)], [(staging[k % window][: d - c], prv)], channel=k)
+        return tp.post([(sources[s][a:b], nxt)], [(staging[k % window][: d - c], prv)])
 
     def finish(k):
         s, j = divmod(k, nseg)
@@ -92,7 +92,7 @@ def ring_all_gather_pieces(tp: Transport, buf: torch.Tensor, bounds: list[int], 
         a, b = segs[cs][j:j + 2]
         c, d = segs[cr][j:j + 2]
         return tp.post([(buf[bounds[cs] + a: bounds[cs] + b], nxt)],
-                       [(buf[bounds[cr] + c: bounds[cr] + d], prv)], channel=k)
+                       [(buf[bounds[cr] + c: bounds[cr] + d], prv)])
 
     run_window((p - 1) * nseg, window, post, None)
 
@@ -124,9 +124,9 @@ def ring_all_reduce(tp: Transport, flat: torch.Tensor, op: str, tuning) -> None:
             s, j = divmod(k, nseg)
             incoming = seg((r - s - 2) % p, j)
             return tp.post([(seg((r - s - 1) % p, j), nxt)],
-                           [(staging[k % window][: incoming.numel()], prv)], channel=k)
+                           [(staging[k % window][: incoming.numel()], prv)])
         s, j = divmod(k - rs_units, nseg)  # all-gather: forward piece r-s, land piece r-s-1 in place
-        return tp.post([(seg((r - s) % p, j), nxt)], [(seg((r - s - 1) % p, j), prv)], channel=k)
+        return tp.post([(seg((r - s) % p, j), nxt)], [(seg((r - s - 1) % p, j), prv)])
 
     def finish(k):
         if k >= rs_units:

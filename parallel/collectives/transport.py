@@ -46,28 +46,24 @@ class CommStats:
 class Transport:
     """Sends and receives between the ranks of one process group."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
-                 channels: list[dist.ProcessGroup] | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None):
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.global_ranks: list[int] = dist.get_process_group_ranks(self.group)
         self.stats = stats if stats is not None else CommStats()
-        # Extra groups over the same ranks: each is its own connection (and, on
-        # gloo, its own I/O thread), so segments striped over them travel in parallel.
-        self.channels = [self.group] + list(channels or [])
         self.deadline: float | None = None
         """time.monotonic() by which the running collective must finish; None: wait forever."""
         # gloo posts one message at a time anyway; posting them here tells which peer a failure is for
         self._batch = "nccl" in str(dist.get_backend(self.group)).lower()
 
-    def post(self, sends=(), recvs=(), channel: int = 0) -> Pending:
+    def post(self, sends=(), recvs=()) -> Pending:
         """Posts sends [(tensor, dst)] and receives [(tensor, src)], group ranks.
 
         Returns the posted operations (see Pending). Empty tensors are not sent: sender and
         receiver derive the same sizes, so both sides skip the same messages.
         """
-        group = self.channels[channel % len(self.channels)]
+        group = self.group
         recvs = [(t, self.global_ranks[src]) for t, src in recvs if t.numel()]
         sends = [(t, self.global_ranks[dst]) for t, dst in sends if t.numel()]
         for t, _ in sends:

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
+from parallel.mesh import Comms
 
 
 class Net(nn.Module):
@@ -46,7 +47,7 @@ def ddp_matches_reference(rank: int, world: int, algorithm: str, bucket_mb: floa
     torch.manual_seed(100 + rank)                # different init per rank: broadcast must fix it
     model = Net()
     comm = Communicator(None, algorithm=algorithm)
-    ddp = apply_ddp(model, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb, comm=comm)
+    ddp = apply_ddp(model, Comms(dp=comm), bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
@@ -76,7 +77,7 @@ def ddp_matches_reference(rank: int, world: int, algorithm: str, bucket_mb: floa
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=5e-8)
     comm.close()
-    return {"calls_in_no_sync": calls_in_no_sync, "buckets": len(ddp.buckets), "max_grad_err": max_grad_err,
+    return {"calls_in_no_sync": calls_in_no_sync, "buckets": len(ddp.units), "max_grad_err": max_grad_err,
             "weights": torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])}
 
 
@@ -90,7 +91,7 @@ def ddp_unused(rank: int, world: int, find_unused: bool, steps: int = 2, accum: 
     torch.manual_seed(10 + rank)                 # different per rank: the broadcast must fix it
     model = Net(with_unused=True)
     comm = Communicator(None)
-    ddp = apply_ddp(model, bucket_mb=0.01, first_bucket_mb=0.002, find_unused_parameters=find_unused, comm=comm)
+    ddp = apply_ddp(model, Comms(dp=comm), bucket_mb=0.01, first_bucket_mb=0.002, find_unused_parameters=find_unused)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
@@ -129,7 +130,7 @@ def ddp_overlap(rank: int, world: int) -> list[str]:
     torch.manual_seed(0)
     model = Net()
     events: list[str] = []
-    ddp = apply_ddp(model, algorithm="ring", bucket_mb=0.004, first_bucket_mb=0.001)
+    ddp = apply_ddp(model, Comms(dp=Communicator(None, algorithm="ring")), bucket_mb=0.004, first_bucket_mb=0.001)
     real = ddp.comm.all_reduce
 
     def recording(tensor, **kw):

@@ -189,17 +189,21 @@ def half_sum(rank: int, world: int, p: int) -> dict[str, float]:
 
 
 def topology_groups(rank: int, world: int, ep_size: int) -> dict:
-    """The ranks of each named group this rank belongs to, and an all-reduce over each."""
+    """The ranks of each named group of the mesh this rank belongs to, an all-reduce over each,
+    and which communicators the mesh hands a parallelized model."""
     import torch.distributed as dist
 
-    from parallel.topology import Topology
+    from parallel.mesh import MeshShape, Topology
 
-    topo = Topology.build(ep_size=ep_size)
-    out = {"dp_size": topo.dp_size, "ep_rank": topo.ep_rank}
-    for name in ("world", "ep", "expert_dp"):
-        g = getattr(topo, name)
+    topo = Topology.build(MeshShape(world, ep=ep_size))
+    out = {"sizes": {n: topo.size(n) for n in ("dp", "ep", "expert_dp")}, "ep_rank": topo.rank_in("ep")}
+    for name in ("dp", "ep", "expert_dp"):
+        g = topo.group(name)
         out[name] = dist.get_process_group_ranks(g)
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=g)
         out[name + "_sum"] = t.item()
+    comms = topo.communicators(algorithm="ring")
+    out["communicators"] = sorted(k for k in ("dp", "ep", "expert_dp") if getattr(comms, k) is not None)
+    comms.close()
     return out

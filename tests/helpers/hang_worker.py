@@ -1,7 +1,7 @@
 """The ranks of tests/test_hang.py: a few collectives through Communicator(timeout_s=3),
 then rank 2 stops taking part and the others must fail with one line and exit.
 
-    python tests/hang_worker.py PLAN.json
+    python tests/helpers/hang_worker.py PLAN.json
 
 PLAN: {"hang_s": S, "scenarios": [{"name", "args": [MODE, OP, ALGORITHM, SYNC|ASYNC],
 "store_port", "workdir"}, ...]}. This process imports torch once and forks the three
@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

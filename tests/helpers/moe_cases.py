@@ -14,7 +14,7 @@ from models.transformer import DecoderLM
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
 from parallel.expert_parallel import apply_expert_parallel
-from parallel.topology import Topology
+from parallel.mesh import MeshShape, Topology
 from parallel.zero import apply_zero
 
 D, HIDDEN = 16, 24
@@ -44,7 +44,7 @@ def _check_layer(rank: int, world: int, comm: Communicator, top_k: int, factor: 
     with torch.no_grad():
         ref.gate.weight[0, 0] += 2.0           # skewed routing: expert 0 is popular, so capacity drops
     ep = copy.deepcopy(ref)
-    apply_expert_parallel(ep, None, comm=comm)
+    apply_expert_parallel(ep, comm)
     lo, hi = rank * (E // world), (rank + 1) * (E // world)
     assert ep.w_up.shape[0] == hi - lo and torch.equal(ep.w_up, ref.w_up[lo:hi])
 
@@ -73,7 +73,7 @@ def _check_model(rank: int, world: int, comm: Communicator) -> None:
     torch.manual_seed(1)
     ref = DecoderLM(cfg, AttentionConfig(chunk_size=4))
     ep = copy.deepcopy(ref)
-    apply_expert_parallel(ep, None, comm=comm)
+    apply_expert_parallel(ep, comm)
     idx = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(world)]
     _, loss = ep(idx[rank], torch.roll(idx[rank], 1, 1))
     loss.backward()
@@ -109,7 +109,7 @@ def expert_parallel_matches_local(rank: int, world: int, algorithm: str = "ring"
     stats = {"bytes_sent": comm.stats.bytes_sent, "calls": comm.stats.calls, "wait_s": comm.stats.wait_s}
     bad = MoELayer(D, HIDDEN, MoEConfig(num_experts=E + 1))
     with pytest.raises(ValueError, match=r"model\.moe\.num_experts.*parallel\.ep_size"):
-        apply_expert_parallel(bad, None, comm=comm)
+        apply_expert_parallel(bad, comm)
     comm.close()
     return {"dropped": dropped, "stats": stats}
 
@@ -135,15 +135,16 @@ def _ep_adamw(groups):
 
 def ep_data_parallel_matches_single_process(rank: int, world: int, parallels=("ddp", "zero1", "zero2", "zero3"),
                                             steps: int = 3, per_rank: int = 2, max_norm: float = 0.5) -> dict:
-    """4 ranks = 2 data-parallel x 2 expert-parallel (Topology.build(ep_size=2), wired as
-    trainer/train.py does): for each of `parallels`, `steps` AdamW steps with clipping, each
+    """4 ranks = 2 data-parallel x 2 expert-parallel (the mesh with ep 2, wired as
+    trainer/parallelize.py does): for each of `parallels`, `steps` AdamW steps with clipping, each
     rank on its `per_rank` sequences of the global batch, against one process holding every
     expert trained on the whole global batch. Dense weights differ on ranks != 0 and expert
     slices on their second replica before wrapping: the wrapper's broadcast must fix both.
     Returns on rank 0, per parallel: the mean loss and pre-clip global norm of every step and
     the consolidated weights' worst difference; and the reference's."""
-    topo = Topology.build(ep_size=2)
-    comm, ep_comm, expert_comm = Communicator(topo.dp), Communicator(topo.ep), Communicator(topo.expert_dp)
+    topo = Topology.build(MeshShape(world, ep=2))
+    comms = topo.communicators(algorithm="ring")
+    comm = comms.dp
     n = world * per_rank
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     out: dict = {}
@@ -163,22 +164,22 @@ def ep_data_parallel_matches_single_process(rank: int, world: int, parallels=("d
         out["ref"] = {"losses": losses, "norms": norms}
     for name in parallels:
         model = _ep_model()
-        apply_expert_parallel(model, topo.ep, comm=ep_comm)
+        apply_expert_parallel(model, comms.ep)
         experts = model.expert_parameters()
         expert_ids = {id(p) for p in experts}
         with torch.no_grad():  # what the broadcast must repair
             for p in model.parameters():
-                if id(p) in expert_ids and topo.rank >= topo.ep_size:
+                if id(p) in expert_ids and topo.rank >= topo.size("ep"):
                     p.add_(0.1)
                 elif id(p) not in expert_ids and rank != 0:
                     p.add_(0.1)
         groups = model.param_groups(0.1)
-        kw = dict(comm=comm, expert_params=experts, expert_comm=expert_comm, ep_comm=ep_comm, bucket_mb=0.002)
         if name == "ddp":
-            wrapper = apply_ddp(model, first_bucket_mb=0.001, **kw)
+            wrapper = apply_ddp(model, comms, param_groups=groups, bucket_mb=0.002, first_bucket_mb=0.001)
         else:
-            wrapper = apply_zero(model, stage=int(name[-1]), param_groups=groups, blocks=list(model.blocks), **kw)
-        wrapper.build_optimizer(_ep_adamw, groups)
+            wrapper = apply_zero(model, comms, stage=int(name[-1]), param_groups=groups, bucket_mb=0.002,
+                                 blocks=list(model.blocks))
+        wrapper.build_optimizer(_ep_adamw)
         losses, norms = [], []
         for step in range(steps):
             x, y = _ep_batch(step, n)
@@ -195,8 +196,7 @@ def ep_data_parallel_matches_single_process(rank: int, world: int, parallels=("d
         if rank == 0:
             out[name] = {"losses": losses, "norms": norms, "weights": got,
                          "worst": max((got[k] - want[k]).abs().max().item() for k in want)}
-    for c in (comm, ep_comm, expert_comm):
-        c.close()
+    comms.close()
     # compared once every collective is done, so that a mismatch fails at once instead of
     # leaving the other ranks waiting in the next variant's collectives
     for name in parallels if rank == 0 else ():

@@ -11,6 +11,7 @@ from models.transformer import DecoderLM
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
 from parallel.loss_scale import DynamicLossScaler
+from parallel.mesh import Comms
 from parallel.precision import PrecisionPolicy, unscale_clip_step
 from parallel.zero import apply_zero
 
@@ -24,11 +25,11 @@ def _model(seed: int) -> DecoderLM:
 
 
 def _wrap(model, comm, parallel: str, policy: PrecisionPolicy):
-    mp = {"param_dtype": policy.param_dtype, "reduce_dtype": policy.reduce_dtype}
+    mp = {"param_dtype": policy.param_dtype, "reduce_dtype": policy.reduce_dtype,
+          "param_groups": model.param_groups(0.1), "bucket_mb": 0.01}
     if parallel == "ddp":
-        return apply_ddp(model, bucket_mb=0.01, comm=comm, **mp)
-    return apply_zero(model, stage=int(parallel[-1]), param_groups=model.param_groups(0.1), bucket_mb=0.01,
-                      blocks=list(model.blocks), comm=comm, **mp)
+        return apply_ddp(model, Comms(dp=comm), **mp)
+    return apply_zero(model, Comms(dp=comm), stage=int(parallel[-1]), blocks=list(model.blocks), **mp)
 
 
 LR = 3e-3
@@ -70,7 +71,7 @@ def overflow_on_one_rank_skips_everywhere(rank: int, world: int, parallel: str, 
     comm = Communicator(None)
     model = _model(5)
     wrapper = _wrap(model, comm, parallel, policy)
-    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    wrapper.build_optimizer(_make_opt)
     scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=1000)
     target = dict(model.named_parameters())[param]
 
@@ -114,7 +115,7 @@ def _mixed_one(rank: int, world: int, comm: Communicator, parallel: str, precisi
     ref_opt = _make_opt([dict(g, params=[by_id[id(p)] for p in g["params"]]) for g in ref.param_groups(0.1)])
     ref.to(half)
     wrapper = _wrap(model, comm, parallel, policy)
-    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    wrapper.build_optimizer(_make_opt)
     scale = 2.0**8 if precision == "fp16" else 1.0
     scaler = DynamicLossScaler(init_scale=scale) if precision == "fp16" else None
     out = {"norms": [], "ref_norms": [], "worst_abs": [], "worst_ulps": [], "half_params_exact": []}
@@ -201,7 +202,7 @@ def loss_curve(rank: int, world: int, precision: str, steps: int = 100, parallel
     comm = Communicator(None)
     model = _model(23)
     wrapper = _wrap(model, comm, parallel, policy)
-    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    wrapper.build_optimizer(_make_opt)
     scaler = DynamicLossScaler(growth_interval=50) if precision == "fp16" else None
     curve = []
     for step in range(steps):
@@ -227,7 +228,7 @@ def nonfinite_loss_names_the_rank(rank: int, world: int, bad_rank: int = 1) -> d
     comm = Communicator(None)
     model = _model(3)
     wrapper = _wrap(model, comm, "ddp", PrecisionPolicy.from_name("fp32"))
-    wrapper.build_optimizer(_make_opt, model.param_groups(0.1))
+    wrapper.build_optimizer(_make_opt)
     x, y = _batch(0, 2 * world)
     _, loss = wrapper(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2])
     if rank == bad_rank:

@@ -11,7 +11,9 @@ from models.transformer import DecoderLM
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
 from parallel.memory import measured_model_state_bytes
+from parallel.mesh import Comms
 from parallel.zero import apply_zero
+from trainer.checkpoint import CheckpointManager, EngineState
 
 
 def _model(seed: int, attention: str = "softmax", d_model: int = 32, n_heads: int = 2) -> DecoderLM:
@@ -40,8 +42,8 @@ def zero_matches_single_process(rank: int, world: int, stage: int, accum: int = 
     ref = _model(100, attention)                  # rank 0's initial weights
     model = _model(100 + rank, attention)         # different per rank: the broadcast must fix it
     comm = Communicator(None, algorithm=algorithm)
-    zero = apply_zero(model, stage=stage, param_groups=model.param_groups(0.1), bucket_mb=bucket_mb,
-                      blocks=list(model.blocks), comm=comm)
+    zero = apply_zero(model, Comms(dp=comm), stage=stage, param_groups=model.param_groups(0.1), bucket_mb=bucket_mb,
+                      blocks=list(model.blocks))
     opt = zero.build_optimizer(_adamw)
     ref_opt = _adamw(ref.param_groups(0.1))
     norm_err = 0.0
@@ -114,12 +116,11 @@ def measured_memory(rank: int, world: int, steps: int = 2, per_rank: int = 2) ->
     for name in ("ddp", "zero1", "zero2", "zero3"):
         model = _model(100 + rank)
         if name == "ddp":
-            wrapper = apply_ddp(model, comm=comm)
-            wrapper.build_optimizer(_adamw, model.param_groups(0.1))
+            wrapper = apply_ddp(model, Comms(dp=comm), param_groups=model.param_groups(0.1))
         else:
-            wrapper = apply_zero(model, stage=int(name[-1]), param_groups=model.param_groups(0.1),
-                                 blocks=list(model.blocks), comm=comm)
-            wrapper.build_optimizer(_adamw)
+            wrapper = apply_zero(model, Comms(dp=comm), stage=int(name[-1]), param_groups=model.param_groups(0.1),
+                                 blocks=list(model.blocks))
+        wrapper.build_optimizer(_adamw)
         trace = _watch_stage3(wrapper, model) if name == "zero3" else []
         res = {"n_params": sum(p.numel() for p in model.parameters()), "outside": [], "measured": []}
         for step in range(steps):
@@ -141,7 +142,7 @@ def measured_memory(rank: int, world: int, steps: int = 2, per_rank: int = 2) ->
         if name != "ddp":
             res["shard_bytes"] = sum(u.S * u.shard.element_size() for u in wrapper.units)
             res["max_unit_bytes"] = max(u.padded * u.grad_dtype.itemsize for u in wrapper.units)
-            res["staging_cap"] = wrapper.STAGING
+            res["staging_cap"] = wrapper.grad_sync.staging_buffers
             res["blocks"] = len(model.blocks)
         res["trace"] = trace
         out[name] = res
@@ -170,33 +171,35 @@ def _train_steps(zero, model, rank: int, world: int, steps: range, max_norm: flo
 
 
 def _resume_zero(model, comm, stage: int):
-    zero = apply_zero(model, stage=stage, param_groups=model.param_groups(0.1), bucket_mb=0.01,
-                      blocks=list(model.blocks), comm=comm)
+    zero = apply_zero(model, Comms(dp=comm), stage=stage, param_groups=model.param_groups(0.1), bucket_mb=0.01,
+                      blocks=list(model.blocks))
     zero.build_optimizer(_adamw)
     return zero
 
 
+def _manager(ckpt_root: str, stage: int, rank: int, world: int) -> CheckpointManager:
+    return CheckpointManager(Path(ckpt_root) / f"zero{stage}", rank=rank, world_size=world, layout={"stage": stage})
+
+
 def resume_save(rank: int, world: int, ckpt_root: str, stages=(1, 2, 3), steps: int = 2) -> None:
-    """First half of a resharded resume: `steps` steps on `world` ranks, then the sharded
-    optimizer state (save_optimizer, torch.distributed.checkpoint) and the consolidated
-    model (rank 0, model.pt) into <ckpt_root>/zero<stage>/."""
+    """First half of a resharded resume: `steps` steps on `world` ranks, then a checkpoint through
+    the checkpointer: the sharded optimizer state (torch.distributed.checkpoint) and the
+    consolidated model (rank 0) into <ckpt_root>/zero<stage>/step_<steps>/."""
     comm = Communicator(None)
     for stage in stages:
         model = _model(100 + rank, **RESUME_MODEL)
         zero = _resume_zero(model, comm, stage)
         _train_steps(zero, model, rank, world, range(steps))
-        ckpt = Path(ckpt_root) / f"zero{stage}"
-        zero.save_optimizer(ckpt)
-        state = zero.consolidated_state_dict()
-        if rank == 0:
-            torch.save(state, ckpt / "model.pt")
+        state = EngineState(model=zero.consolidated_state_dict(), sharded=zero.optimizer_state())
+        _manager(ckpt_root, stage, rank, world).save(steps, state, {})
     comm.close()
 
 
 def resume_load_and_continue(rank: int, world: int, ckpt_root: str, stages=(1, 2, 3), done: int = 2,
                              more: int = 2) -> dict:
-    """Second half: on `world` ranks (another number than resume_save's), load model.pt
-    into a model of other weights, wrap it, load_optimizer, and continue `more` steps on the
+    """Second half: on `world` ranks (another number than resume_save's), load the checkpoint's
+    model into a model of other weights, wrap it, load the sharded optimizer state (resharded by
+    DCP), and continue `more` steps on the
     same global batches. Rank 0 also trains one process straight through `done + more` steps
     (a fresh model of rank 0's initial weights, no wrapper) and returns, per stage, the
     continued steps' pre-clip norms and the worst weight difference; plus the reference's."""
@@ -216,11 +219,13 @@ def resume_load_and_continue(rank: int, world: int, ckpt_root: str, stages=(1, 2
         want = ref.state_dict()
         out["ref_norms"] = ref_norms[done:]
     for stage in stages:
-        ckpt = Path(ckpt_root) / f"zero{stage}"
+        manager = _manager(ckpt_root, stage, rank, world)
         model = _model(300 + rank, **RESUME_MODEL)
-        model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
+        restored = manager.load(Path(ckpt_root) / f"zero{stage}" / f"step_{done}", model=model,
+                                device=torch.device("cpu"))
+        assert restored.resharded and restored.step == done
         zero = _resume_zero(model, comm, stage)
-        zero.load_optimizer(ckpt)
+        manager.load_sharded(restored.path, zero.optimizer_state(materialize=True))
         norms = _train_steps(zero, model, rank, world, range(done, done + more))
         got = zero.consolidated_state_dict()
         if rank == 0:

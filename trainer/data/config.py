@@ -69,7 +69,7 @@ def validate_data_config(cfg) -> None:
     if cfg.kind == "text":
         require(bool(cfg.paths), "data.paths", "name at least one file or folder with kind=text", list(cfg.paths))
         for p in cfg.paths:
-            require(os.path.exists(os.path.expanduser(str(p))), "data.paths", "name existing files or folders", p)
+            require(os.path.exists(os.path.expanduser(str(p))), "data.paths", "name existing files or folders (this path does not exist)", p)
         folders = any(os.path.isdir(os.path.expanduser(str(p))) for p in cfg.paths)
         require(bool(cfg.extensions) or not folders, "data.extensions",
                 "not be empty when data.paths names folders (nothing would be taken)", list(cfg.extensions))

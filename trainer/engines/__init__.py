@@ -13,6 +13,7 @@ one place that maps `engine=` to a class.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,15 +77,21 @@ class Engine(Protocol):
         """Releases what the engine started (communicator threads)."""
 
 
+ENGINES = {"native": "NativeEngine", "deepspeed": "DeepSpeedEngine", "accelerate": "AccelerateEngine"}
+"""`engine=` name -> the class in engines/<name>.py (each module imports its library only when built)."""
+
+
+def _module(name: str):
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def check_config(tc, *, cuda: bool) -> None:
+    """What the chosen engine cannot run (its module's `check`): raises ValueError naming the keys."""
+    _module(tc.engine).check(tc, cuda=cuda)
+
+
 def build_engine(name: str, **kwargs) -> Engine:
     """The engine called `name` (configs' `engine=`), built from plain config slices."""
-    if name == "native":
-        from .native import NativeEngine
-        return NativeEngine(**kwargs)
-    if name == "deepspeed":
-        from .deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(**kwargs)
-    if name == "accelerate":
-        from .accelerate import AccelerateEngine
-        return AccelerateEngine(**kwargs)
-    raise ValueError(f"engine must be native, deepspeed or accelerate, got {name!r}")
+    return getattr(_module(name), ENGINES[name])(**kwargs)

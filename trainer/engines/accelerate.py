@@ -23,9 +23,22 @@ from parallel.mesh import Comms
 from parallel.precision import PrecisionPolicy
 
 from ..checkpoint import EngineState
-from ..config import LoopConfig, OptimConfig, ParallelConfig, PrecisionConfig
+from ..config import LoopConfig, OptimConfig, ParallelConfig, PrecisionConfig, uses_cuda
 from ..optim import adamw_factory, lr_at, set_lr
 from . import StepResult
+
+
+def check(tc, *, cuda: bool) -> None:
+    """What this engine cannot run, refused before any process group (ValueError naming the keys)."""
+    if tc.parallel.ep_size > 1:
+        raise ValueError(f"parallel.ep_size={tc.parallel.ep_size} (expert parallelism) runs with engine=native; "
+                         "got engine=accelerate (with parallel.ep_size=1 every engine takes MoE models)")
+    if tc.parallel.name == "zero1":
+        raise ValueError("engine=accelerate with parallel=zero1 does not exist (Accelerate shards "
+                         "through FSDP: use parallel=ddp, zero2 or zero3)")
+    if tc.parallel.name != "ddp" and not uses_cuda(tc, cuda):
+        raise ValueError(f"engine=accelerate with parallel={tc.parallel.name} runs Accelerate's FSDP, which needs "
+                         "a GPU (Accelerate refuses FSDP on CPU); use parallel=ddp here")
 
 
 class AccelerateEngine:

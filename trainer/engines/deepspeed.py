@@ -37,7 +37,7 @@ from parallel.mesh import Comms
 from parallel.precision import PrecisionPolicy
 
 from ..checkpoint import EngineState
-from ..config import LoopConfig, OptimConfig, ParallelConfig, PrecisionConfig
+from ..config import LoopConfig, OptimConfig, ParallelConfig, PrecisionConfig, uses_cuda
 from ..optim import adamw_factory, lr_at, set_lr
 from ..structured import ConfigError
 from . import StepResult
@@ -70,6 +70,33 @@ def deepspeed_config(parallel: ParallelConfig, precision: PrecisionConfig, optim
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def check(tc, *, cuda: bool) -> None:
+    """What this engine cannot run, refused before any process group (ValueError naming the keys)."""
+    if tc.parallel.ep_size > 1:
+        raise ValueError(f"parallel.ep_size={tc.parallel.ep_size} (expert parallelism) runs with engine=native; "
+                         "got engine=deepspeed (with parallel.ep_size=1 every engine takes MoE models)")
+    if tc.precision.name == "fp16":
+        _check_fp16(tc.precision)
+        if not uses_cuda(tc, cuda):
+            raise ValueError("engine=deepspeed with precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
+                             "fp16); use precision=bf16, or engine=native for fp16 with loss scaling on CPU")
+
+
+def _check_fp16(p: PrecisionConfig) -> None:
+    """fp16 settings DeepSpeed cannot express (its scale starts at a power of 2 and moves by a factor
+    of 2; its floor is an integer) are refused rather than trained with other settings than asked."""
+    power = math.log2(p.init_scale)
+    problems = [f"precision.{key}={value:g} ({why})" for bad, key, value, why in (
+        (power != round(power), "init_scale", p.init_scale, "DeepSpeed starts at a power of 2"),
+        (p.growth_factor != 2.0, "growth_factor", p.growth_factor, "DeepSpeed grows by 2"),
+        (p.backoff_factor != 0.5, "backoff_factor", p.backoff_factor, "DeepSpeed backs off by 1/2"),
+        (p.min_scale != int(p.min_scale), "min_scale", p.min_scale, "DeepSpeed's floor is an integer"),
+    ) if bad]
+    if problems:
+        raise ValueError("engine=deepspeed with precision=fp16 cannot express " + "; ".join(problems)
+                         + "; use DeepSpeed's values or engine=native")
 
 
 # -- DeepSpeed's optimizer state as tensors and plain types ----------------------------------

@@ -20,6 +20,10 @@ from . import NonFiniteLossError, StepResult
 log = logging.getLogger("ringtrain.train")
 
 
+def check(tc, *, cuda: bool) -> None:
+    """Every parallelism, precision and expert-parallel layout in the config runs natively."""
+
+
 class NativeEngine:
     """The trainer's step on a `parallelize`d model; see Engine (engines/__init__.py)."""
 

@@ -159,7 +159,7 @@ MUTANTS: list[Mutant] = [
            "a save after a crash mid-save trips over the .tmp_step_<N> it left"),
     Mutant("rank-state-unpickled", "trainer/checkpoint.py",
            '            state = torch.load(rank_file, map_location="cpu", weights_only=True)',
-           '            state = torch.load(rank_file, map_location="cpu", weights_only=False)',
+           '            state = torch.load(rank_file, map_location="cpu", weights_only=not True)',
            ("tests/test_checkpoint.py::test_a_checkpoint_that_would_run_code_is_refused",),
            "a rank file is unpickled, so a doctored checkpoint runs code when resumed"),
     Mutant("sharded-state-unpickled", "trainer/checkpoint.py",
@@ -188,7 +188,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_trainer.py::test_deepspeed_resume_is_exact",),
            "engine=deepspeed resumes the weights but not DeepSpeed's optimizer state"),
     Mutant("accelerate-resume-skips-engine-state", "trainer/engines/accelerate.py",
-           "        set_optimizer_state_dict(self.wrapped, self.optimizer.optimizer, current)\n", "",
+           "    def sharded_template(self) -> dict:\n        return self._optimizer_state()\n",
+           "    def sharded_template(self) -> dict:\n        return {}\n",
            ("tests/test_trainer.py::test_accelerate_resume_is_exact",),
            "engine=accelerate resumes the weights but not the optimizer state"),
 ]

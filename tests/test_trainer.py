@@ -22,6 +22,7 @@ import torch
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointManager
 from trainer.structured import ConfigError
+from trainer.config import ZERO_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "trainer.micro_batch_size=4", "trainer.progress=false", "optim.warmup_steps=2"]
@@ -325,7 +326,7 @@ def engine_runs(tmp_path_factory, cache):
 
 
 def _native(parallel, ddp_trajectories, zero_runs):
-    return ddp_trajectories[2][0] if parallel == "ddp" else _metrics(zero_runs(2, int(parallel[-1])))
+    return ddp_trajectories[2][0] if parallel == "ddp" else _metrics(zero_runs(2, ZERO_STAGES[parallel]))
 
 
 # the same model, batches, AdamW and clipping with DeepSpeed moving the gradients: the native
@@ -339,7 +340,7 @@ def test_deepspeed_engine_follows_native(cache, engine_runs, zero_runs, ddp_traj
     # DeepSpeed ran the stage asked for: its own optimizer's record of it (kept in each rank's
     # checkpoint state), one partition per rank
     from trainer.engines.deepspeed import decode
-    stage = 0 if parallel == "ddp" else int(parallel[-1])
+    stage = ZERO_STAGES[parallel]
     for r in (0, 1):
         local = torch.load(run_dir / "checkpoints" / f"step_{len(ds)}" / f"rank_{r}.pt", weights_only=True)["engine"]
         opt = decode(local["optimizer"])

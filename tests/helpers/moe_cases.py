@@ -16,6 +16,7 @@ from parallel.data_parallel import apply_ddp
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import MeshShape, Topology
 from parallel.zero import apply_zero
+from trainer.config import ZERO_STAGES
 
 D, HIDDEN = 16, 24
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -177,7 +178,7 @@ def ep_data_parallel_matches_single_process(rank: int, world: int, parallels=("d
         if name == "ddp":
             wrapper = apply_ddp(model, comms, param_groups=groups, bucket_mb=0.002, first_bucket_mb=0.001)
         else:
-            wrapper = apply_zero(model, comms, stage=int(name[-1]), param_groups=groups, bucket_mb=0.002,
+            wrapper = apply_zero(model, comms, stage=ZERO_STAGES[name], param_groups=groups, bucket_mb=0.002,
                                  blocks=list(model.blocks))
         wrapper.build_optimizer(_ep_adamw)
         losses, norms = [], []

@@ -14,6 +14,7 @@ from parallel.loss_scale import DynamicLossScaler
 from parallel.mesh import Comms
 from parallel.precision import PrecisionPolicy, unscale_clip_step
 from parallel.zero import apply_zero
+from trainer.config import ZERO_STAGES
 
 V, T = 64, 16
 
@@ -29,7 +30,7 @@ def _wrap(model, comm, parallel: str, policy: PrecisionPolicy):
           "param_groups": model.param_groups(0.1), "bucket_mb": 0.01}
     if parallel == "ddp":
         return apply_ddp(model, Comms(dp=comm), **mp)
-    return apply_zero(model, Comms(dp=comm), stage=int(parallel[-1]), blocks=list(model.blocks), **mp)
+    return apply_zero(model, Comms(dp=comm), stage=ZERO_STAGES[parallel], blocks=list(model.blocks), **mp)
 
 
 LR = 3e-3

@@ -14,6 +14,7 @@ from parallel.memory import measured_model_state_bytes
 from parallel.mesh import Comms
 from parallel.zero import apply_zero
 from trainer.checkpoint import CheckpointManager, EngineState
+from trainer.config import ZERO_STAGES
 
 
 def _model(seed: int, attention: str = "softmax", d_model: int = 32, n_heads: int = 2) -> DecoderLM:
@@ -118,7 +119,7 @@ def measured_memory(rank: int, world: int, steps: int = 2, per_rank: int = 2) ->
         if name == "ddp":
             wrapper = apply_ddp(model, Comms(dp=comm), param_groups=model.param_groups(0.1))
         else:
-            wrapper = apply_zero(model, Comms(dp=comm), stage=int(name[-1]), param_groups=model.param_groups(0.1),
+            wrapper = apply_zero(model, Comms(dp=comm), stage=ZERO_STAGES[name], param_groups=model.param_groups(0.1),
                                  blocks=list(model.blocks))
         wrapper.build_optimizer(_adamw)
         trace = _watch_stage3(wrapper, model) if name == "zero3" else []

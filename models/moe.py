@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward layer: a float32 router, capacity dropping, stacked GELU experts.
 
-Semantics (tests/test_moe.py pins them; DESIGN.md "MoE routing"):
+Semantics (tests/test_moe.py pins them; docs/design.md "Numerical conventions"):
 
 - Router: logits = x W_g^T with W_g (E, d), no bias, computed in float32 (input and weight
   cast, autocast off); probs = softmax(logits). Each token picks its top_k experts by prob.

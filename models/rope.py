@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoFormer), with the pairing and precision DESIGN.md pins.
+"""Rotary position embedding (RoFormer), with the pairing and precision docs/design.md pins.
 
 Pairing is half-split: channel i is rotated together with channel i + D/2
 (`rotate_half`), as in GPT-NeoX / LLaMA, not interleaved (2i, 2i+1). Channel pair i

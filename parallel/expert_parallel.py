@@ -108,7 +108,7 @@ def apply_expert_parallel(model: nn.Module, comm: Communicator) -> None:
     Sends nothing itself: every rank must hold the same full set of experts before the call (same
     seed). `comm.stats` then counts the MoE all-to-all traffic."""
     ep_size = comm.world_size
-    # Duck-typed (DESIGN: parallel never imports models): an MoE layer is what has shard_experts.
+    # Duck-typed (parallel never imports models, docs/design.md): an MoE layer is what has shard_experts.
     layers = [m for m in model.modules() if callable(getattr(m, "shard_experts", None))]
     for E in {layer.num_experts for layer in layers} or {0}:
         check_expert_parallel(E, ep_size)

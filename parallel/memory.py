@@ -21,7 +21,7 @@ Counted, per rank, in this order; a storage reached again later is not counted a
 - ``staging``: ZeroModel stage 2/3 transient gradient buffers still allocated: the staging
   pool (at most ``GradSync.staging_buffers`` per dtype, each the size of the largest unit, kept
   between steps for reuse) plus any unit's ``staging`` / ``incoming`` buffer. Not part of
-  DESIGN.md's model-state formula; reported apart so a test can bound it.
+  the model-state formula in docs/design.md; reported apart so a test can bound it.
 - ``optimizer``: every tensor the optimizer updates that was not reached above (DataParallel's
   float32 masters in mixed precision; ZeroModel's float32 master shards when they are not
   views of the parameters) and every tensor in ``optimizer.state`` (Adam's moments and its

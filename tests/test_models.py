@@ -229,12 +229,10 @@ def test_configs_hold_only_omegaconf_friendly_fields():
 
 
 def test_models_imports_only_torch_and_stdlib():
-    # DESIGN: models never imports trainer (nor parallel); the benchmark CLI may plot
+    # docs/design.md: models never imports trainer (nor parallel)
     root = Path(__file__).resolve().parents[1] / "models"
     for path in root.rglob("*.py"):
         allowed = set(sys.stdlib_module_names) | {"torch", "models"}
-        if path.name == "bench_attention.py":
-            allowed.add("matplotlib")
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

@@ -28,7 +28,7 @@ def memory(pools):
 
 
 def _formula(name: str, psi: int, n: int) -> float:
-    """DESIGN.md's per-rank model-state bytes for fp32 parameters and gradients (4 B each) and
+    """docs/design.md's per-rank model-state bytes for fp32 parameters and gradients (4 B each) and
     Adam's two fp32 moments (K = 8): DDP 16 Psi, stage 1 8 Psi + 8 Psi/N, stage 2
     4 Psi + 12 Psi/N, stage 3 16 Psi/N."""
     return {"ddp": 16 * psi, "zero1": (4 + 4) * psi + 8 * psi / n, "zero2": 4 * psi + (4 + 8) * psi / n,
@@ -79,7 +79,8 @@ def test_zero3_frees_gathered_parameters(memory):
 
 
 def test_resharded_resume_from_4_to_2_ranks_follows_one_process(pools, tmp_path):
-    """Stages 1-3: 2 steps on 4 ranks, a checkpoint (DCP optimizer state + the consolidated model), then on
+    """DDP and stages 1-3: 2 steps on 4 ranks, a checkpoint through the checkpointer (the DCP
+    optimizer state + the consolidated model), then on
     2 ranks load both and continue 2 steps on the same global batches: every continued step's
     pre-clip norm and the final weights (compared in the case: rtol 2e-6, atol 1e-6) equal one
     process trained straight through. Some units' lengths are not multiples of 4, so the
@@ -87,7 +88,7 @@ def test_resharded_resume_from_4_to_2_ranks_follows_one_process(pools, tmp_path)
     pools(4).run("zero_cases:resume_save", ckpt_root=str(tmp_path))
     res = pools(2).run("zero_cases:resume_load_and_continue", ckpt_root=str(tmp_path))[0]
     ref = res.pop("ref_norms")
-    assert set(res) == {"zero1", "zero2", "zero3"} and len(ref) == 2
+    assert set(res) == {"ddp", "zero1", "zero2", "zero3"} and len(ref) == 2
     for name, r in res.items():
         for got, want in zip(r["norms"], ref):
             assert abs(got - want) <= 1e-6 * want, (name, r["norms"], ref)

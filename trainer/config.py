@@ -180,7 +180,8 @@ class LoopConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available."""
     peak_tflops: Optional[float] = None
-    """Per-device peak for MFU; None = a table for known GPUs, a measured matmul peak on CPU."""
+    """Per-device peak FLOP/s for MFU; None = a datasheet table for known GPUs, a timed matmul on an
+    unknown GPU, and no MFU (null) on a CPU."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     on_nonfinite: Literal["stop", "skip"] = "stop"

@@ -23,7 +23,7 @@ class LinearAttention(MultiHeadAttentionBase):
     RoPE placement (pinned): q and k are rotated *before* the feature map. Rotating
     phi(q), phi(k) instead (RoFormer's variant) makes features negative, so the
     denominator phi(q) z could reach 0; rotating first keeps every score positive
-    and the DESIGN formula exact, at the cost of the relative-position identity
+    and the formula of docs/design.md exact, at the cost of the relative-position identity
     holding only for the pre-feature dot product.
     """
 

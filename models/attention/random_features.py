@@ -1,4 +1,4 @@
-"""FAVOR+ positive orthogonal random features (Choromanski et al. 2021), as DESIGN.md pins them.
+"""FAVOR+ positive orthogonal random features (Choromanski et al. 2021), as docs/design.md pins them.
 
 phi(x) = exp(w x' - |x'|^2 / 2 - stabiliser) / sqrt(m), x' = x * D^(-1/4), so that
 E[phi(q) . phi(k)] = exp(q . k / sqrt(D)) * exp(-stabilisers): the softmax kernel.

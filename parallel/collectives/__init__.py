@@ -1,5 +1,5 @@
 """ringtrain's collective library: ring, recursive halving-doubling, tree and native
-algorithms behind one registry. See api.py for the ops and README for the matrix."""
+algorithms behind one registry. See api.py for the ops and docs/collectives.md for the matrix."""
 
 from .api import all_gather, all_reduce, all_to_all, broadcast, exchange_split_sizes, reduce_scatter
 from .communicator import Communicator, Handle

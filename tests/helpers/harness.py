@@ -5,7 +5,7 @@
 raises comes back as a `WorkerError` naming the rank; a case that does not
 answer within its timeout kills the pool, so a hang fails the test instead of
 stalling the suite. Workers import case functions by name, so cases live in
-ordinary modules (tests/dist_cases.py).
+ordinary modules (tests/helpers/*_cases.py).
 """
 
 from __future__ import annotations

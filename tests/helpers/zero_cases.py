@@ -171,32 +171,38 @@ def _train_steps(zero, model, rank: int, world: int, steps: range, max_norm: flo
     return norms
 
 
-def _resume_zero(model, comm, stage: int):
-    zero = apply_zero(model, Comms(dp=comm), stage=stage, param_groups=model.param_groups(0.1), bucket_mb=0.01,
-                      blocks=list(model.blocks))
-    zero.build_optimizer(_adamw)
-    return zero
+def _resume_wrapper(model, comm, name: str):
+    if name == "ddp":
+        wrapper = apply_ddp(model, Comms(dp=comm), param_groups=model.param_groups(0.1), bucket_mb=0.01)
+    else:
+        wrapper = apply_zero(model, Comms(dp=comm), stage=ZERO_STAGES[name], param_groups=model.param_groups(0.1),
+                             bucket_mb=0.01, blocks=list(model.blocks))
+    wrapper.build_optimizer(_adamw)
+    return wrapper
 
 
-def _manager(ckpt_root: str, stage: int, rank: int, world: int) -> CheckpointManager:
-    return CheckpointManager(Path(ckpt_root) / f"zero{stage}", rank=rank, world_size=world, layout={"stage": stage})
+def _manager(ckpt_root: str, name: str, rank: int, world: int) -> CheckpointManager:
+    return CheckpointManager(Path(ckpt_root) / name, rank=rank, world_size=world, layout={"parallel": name})
 
 
-def resume_save(rank: int, world: int, ckpt_root: str, stages=(1, 2, 3), steps: int = 2) -> None:
+RESUMED = ("ddp", "zero1", "zero2", "zero3")
+
+
+def resume_save(rank: int, world: int, ckpt_root: str, names=RESUMED, steps: int = 2) -> None:
     """First half of a resharded resume: `steps` steps on `world` ranks, then a checkpoint through
     the checkpointer: the sharded optimizer state (torch.distributed.checkpoint) and the
-    consolidated model (rank 0) into <ckpt_root>/zero<stage>/step_<steps>/."""
+    consolidated model (rank 0) into <ckpt_root>/<name>/step_<steps>/."""
     comm = Communicator(None)
-    for stage in stages:
+    for name in names:
         model = _model(100 + rank, **RESUME_MODEL)
-        zero = _resume_zero(model, comm, stage)
+        zero = _resume_wrapper(model, comm, name)
         _train_steps(zero, model, rank, world, range(steps))
         state = EngineState(model=zero.consolidated_state_dict(), sharded=zero.optimizer_state())
-        _manager(ckpt_root, stage, rank, world).save(steps, state, {})
+        _manager(ckpt_root, name, rank, world).save(steps, state, {})
     comm.close()
 
 
-def resume_load_and_continue(rank: int, world: int, ckpt_root: str, stages=(1, 2, 3), done: int = 2,
+def resume_load_and_continue(rank: int, world: int, ckpt_root: str, names=RESUMED, done: int = 2,
                              more: int = 2) -> dict:
     """Second half: on `world` ranks (another number than resume_save's), load the checkpoint's
     model into a model of other weights, wrap it, load the sharded optimizer state (resharded by
@@ -219,24 +225,23 @@ def resume_load_and_continue(rank: int, world: int, ckpt_root: str, stages=(1, 2
             opt.zero_grad()
         want = ref.state_dict()
         out["ref_norms"] = ref_norms[done:]
-    for stage in stages:
-        manager = _manager(ckpt_root, stage, rank, world)
+    for name in names:
+        manager = _manager(ckpt_root, name, rank, world)
         model = _model(300 + rank, **RESUME_MODEL)
-        restored = manager.load(Path(ckpt_root) / f"zero{stage}" / f"step_{done}", model=model,
-                                device=torch.device("cpu"))
+        restored = manager.load(Path(ckpt_root) / name / f"step_{done}", model=model, device=torch.device("cpu"))
         assert restored.resharded and restored.step == done
-        zero = _resume_zero(model, comm, stage)
+        zero = _resume_wrapper(model, comm, name)
         manager.load_sharded(restored.path, zero.optimizer_state(materialize=True))
         norms = _train_steps(zero, model, rank, world, range(done, done + more))
         got = zero.consolidated_state_dict()
         if rank == 0:
-            out[f"zero{stage}"] = {"norms": norms, "weights": got,
-                                   "worst": max((got[k] - want[k]).abs().max().item() for k in want)}
+            out[name] = {"norms": norms, "weights": got,
+                         "worst": max((got[k] - want[k]).abs().max().item() for k in want)}
     comm.close()
-    for stage in stages if rank == 0 else ():  # after every collective: a mismatch fails at once
-        got = out[f"zero{stage}"].pop("weights")
+    for name in names if rank == 0 else ():  # after every collective: a mismatch fails at once
+        got = out[name].pop("weights")
         for k in want:
             # measured here: worst 4.8e-7 (4 ulps of a norm gain near 1)
             torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=1e-6,
-                                       msg=lambda m, k=k, stage=stage: f"zero{stage} {k}: {m}")
+                                       msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
     return out

@@ -35,6 +35,8 @@ caching allocator has handed out there (not only model state), for comparison.
 
 from __future__ import annotations
 
+import resource
+
 import torch
 
 
@@ -96,3 +98,16 @@ def measured_model_state_bytes(wrapper) -> dict[str, int]:
     if device.type == "cuda":
         out["cuda_allocated"] = int(torch.cuda.memory_allocated(device))
     return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on CUDA (since the last reset), resident set on CPU
+    (since the process started: the operating system keeps no resettable peak)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -49,8 +49,8 @@ class MeshShape:
 class Topology:
     """Named process groups of one job over one DeviceMesh; build with `Topology.build`."""
 
-    def __init__(self, mesh: DeviceMesh, shape: MeshShape):
-        self.mesh, self.shape = mesh, shape
+    def __init__(self, mesh: DeviceMesh, shape: MeshShape, groups: dict[str, dist.ProcessGroup]):
+        self.mesh, self.shape, self._groups = mesh, shape, groups
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
@@ -62,17 +62,24 @@ class Topology:
             raise ValueError(f"the mesh is for {shape.world_size} ranks but the job has {dist.get_world_size()}")
         dims = shape.dims
         mesh = init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
-        return cls(mesh, shape)
+        groups = {"dp": dist.group.WORLD}
+        for name, dim in (("ep", "ep"), ("expert_dp", "dp_outer")):
+            g = mesh.get_group(dim)
+            if g is dist.group.WORLD:
+                # DeviceMesh hands back the default group for a dimension spanning every rank, but
+                # each communicator needs a group of its own: two threads posting point-to-point
+                # messages on one gloo group (the expert all-to-all beside a bucket all-reduce)
+                # can have a message matched to the other's receive
+                g = dist.new_group(list(range(shape.world_size)))
+            groups[name] = g
+        return cls(mesh, shape, groups)
 
     def group(self, name: str) -> dist.ProcessGroup:
-        """The process group called `name` (see the module docstring) that this rank belongs to."""
-        if name == "dp":
-            return dist.group.WORLD
-        if name == "ep":
-            return self.mesh.get_group("ep")
-        if name == "expert_dp":
-            return self.mesh.get_group("dp_outer")
-        raise ValueError(f"no group named {name!r}; groups: dp, ep, expert_dp")
+        """The process group called `name` (see the module docstring) that this rank belongs to;
+        each name has a process group of its own, even where two span the same ranks."""
+        if name not in self._groups:
+            raise ValueError(f"no group named {name!r}; groups: {', '.join(self._groups)}")
+        return self._groups[name]
 
     def size(self, name: str) -> int:
         return dist.get_world_size(self.group(name))

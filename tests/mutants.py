@@ -91,6 +91,10 @@ MUTANTS: list[Mutant] = [
            ("tests/test_attention.py",),
            "linear attention's key-value state not carried across chunks"),
     # -- data parallel, ZeRO, precision -------------------------------------------------------
+    Mutant("mesh-reuses-the-world-group", "parallel/mesh.py",
+           "            if g is dist.group.WORLD:\n", "            if False:\n",
+           ("tests/test_mesh.py::test_ep_over_the_whole_world_gets_a_group_of_its_own",),
+           "ep spanning every rank shares the default group with dp: concurrent gloo messages can cross"),
     Mutant("zero3-never-frees", "parallel/zero/stage3.py",
            "            unit.full.untyped_storage().resize_(0)\n            self._gathered.discard(unit.index)",
            "            self._gathered.discard(unit.index)",
@@ -118,6 +122,10 @@ MUTANTS: list[Mutant] = [
            'return (1.0, "sum") if self.expert else (1.0, "avg")',
            ("tests/test_moe.py::test_expert_parallel_with_ddp_and_zero_matches_single_process",),
            "expert gradients summed over their replicas without the 1/world scale (DDP and ZeRO)"),
+    Mutant("dense-grads-summed-not-averaged", "parallel/flat_params.py",
+           'if self.expert else (1.0, "avg")', 'if self.expert else (1.0, "sum")',
+           ("tests/test_data_parallel.py::test_gradients_and_weights_match_single_process[ring-2]",),
+           "dense gradients summed over the data-parallel ranks instead of averaged"),
     Mutant("expert-norm-not-summed-over-ep", "parallel/data_parallel.py",
            "            norm_group = self.comms.ep if unit.expert else None",
            "            norm_group = None",
@@ -141,6 +149,11 @@ MUTANTS: list[Mutant] = [
            "            pass",
            ("tests/test_precision.py::test_mixed_precision_step_matches_single_process[2-ddp-bf16-fp32]",),
            "DDP's half parameters are not refreshed from the float32 masters after a step"),
+    # -- benchmarks ---------------------------------------------------------------------------
+    Mutant("bench-summary-min-not-median", "trainer/bench/output.py",
+           "    med = statistics.median(trial_s)", "    med = min(trial_s)",
+           ("tests/test_bench_ddp.py::test_rows_summarise_their_trials",),
+           "a benchmark row reports its fastest trial instead of the median"),
     # -- trainer, data, checkpoints -----------------------------------------------------------
     Mutant("sampler-position-not-restored", "trainer/data/sampler.py",
            "        self.epoch, self.position = epoch, position\n", "        self.epoch = epoch\n",

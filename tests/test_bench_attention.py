@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
+import statistics
 
 import pytest
 
-from models.bench_attention import crossover, growth_ratios, make_layer
+from bench_files import check_outputs, run_bench
+from trainer.bench.attention import CSV_COLUMNS
+from trainer.bench.attention_case import make_layer
+from trainer.bench.attention_summary import crossover, growth_ratios
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-COLUMNS = ["kind", "seq_len", "batch", "d_model", "n_heads", "dtype", "device", "time_ms", "peak_mem_mb",
+COLUMNS = ["kind", "seq_len", "batch", "d_model", "n_heads", "dtype", "device", "step_ms", "peak_mem_mb",
            "flops_per_token_fwd"]
 
 
 def _run(out, *extra):
-    cmd = [sys.executable, "-m", "models.bench_attention", "--kinds", "softmax,linear", "--min-len", "256",
-           "--max-len", "512", "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
-           "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    return run_bench("attention", ["--attention", "softmax,linear", "--min-len", "256", "--seq-len", "512",
+                                   "--trials", "1", "--iters", "1", "--warmup", "0", "--threads", "1",
+                                   "--device", "cpu", "--out", str(out), *extra])
 
 
 def _rows(out):
@@ -42,14 +38,15 @@ def bench_run(tmp_path_factory):
 
 
 def test_csv_rows_and_columns(bench_run):
-    out, _ = bench_run
+    out, stdout = bench_run
+    check_outputs(out, "attention", stdout, COLUMNS)
     header, rows = _rows(out)
-    assert header == COLUMNS
+    assert header == COLUMNS == CSV_COLUMNS
     assert [(r["kind"], int(r["seq_len"])) for r in rows] == [
         ("softmax", 256), ("softmax", 512), ("linear", 256), ("linear", 512)]
     for r in rows:
         assert (r["batch"], r["d_model"], r["n_heads"], r["dtype"], r["device"]) == ("1", "256", "4", "float32", "cpu")
-        assert float(r["time_ms"]) > 0
+        assert float(r["step_ms"]) > 0
         assert float(r["peak_mem_mb"]) >= 0
         seq_len = int(r["seq_len"])
         expected = make_layer(r["kind"], d_model=256, n_heads=4, seq_len=seq_len).flops_per_token(seq_len)
@@ -58,14 +55,15 @@ def test_csv_rows_and_columns(bench_run):
     assert soft[512] == pytest.approx(2 * soft[256])  # 4 H D T: linear in T
 
 
-def test_pngs_json_and_summary(bench_run):
+def test_png_json_and_summary(bench_run):
     out, stdout = bench_run
-    for name in ("attention_time.png", "attention_memory.png"):
-        png = (out / name).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000, name
+    png = (out / "attention.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
     data = json.loads((out / "attention.json").read_text())
     assert [r["status"] for r in data["results"]] == ["ok"] * 4
-    assert all(len(r["times_ms"]) == 1 for r in data["results"])
+    for r in data["results"]:  # one trial of one pass each, and the summary is what it gives
+        assert r["trials"] == 1 and len(r["trial_s"]) == 1
+        assert r["step_ms"] == pytest.approx(statistics.median(r["trial_s"]) * 1e3, rel=1e-12)
     assert "resident" in data["meta"]["peak_mem_mb"]
     assert "crossover" not in data["summary"]["softmax"]
     linear = data["summary"]["linear"]
@@ -79,7 +77,7 @@ def test_pngs_json_and_summary(bench_run):
 def test_timeouts_are_reported_not_raised(tmp_path):
     _run(tmp_path, "--case-timeout", "0.2")  # no interpreter starts in 0.2 s: every first case times out
     _, rows = _rows(tmp_path)
-    assert [(r["kind"], r["time_ms"], r["peak_mem_mb"]) for r in rows] == [
+    assert [(r["kind"], r["step_ms"], r["peak_mem_mb"]) for r in rows] == [
         ("softmax", "timeout", "timeout"), ("softmax", "skipped", "skipped"),
         ("linear", "timeout", "timeout"), ("linear", "skipped", "skipped")]
     data = json.loads((tmp_path / "attention.json").read_text())

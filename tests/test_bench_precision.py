@@ -1,31 +1,21 @@
-"""The precision benchmark end to end on 2 ranks (tiny model), its json and table, and its argument checks."""
+"""The precision benchmark end to end on 2 ranks (tiny model), its files and table, and its argument checks."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+from bench_files import SHORT, TINY, TINY_TOKENS, check_outputs, launch
+from trainer.bench.precision import COLUMNS, parse_args
+
 PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("precision_bench")
     # tiny sizes: CPU fp16 matmuls have no fast kernel and dominate the run time
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "trainer.bench_precision", "--parallel", "ddp,zero2", "--d-model", "32", "--n-layers", "1",
-           "--n-heads", "2", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
-           "--trials", "2", "--lr", "1e-2", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "precision_bench.json").read_text()), proc.stdout
+    return launch(tmp_path_factory, "precision", ["--parallel", "ddp,zero2", *TINY, *SHORT, "--lr", "1e-2"], nproc=2)
 
 
 # bf16 rounds to 8 significant bits: relative 2^-9, one ulp 2^-8. The loss (~5.5 here) is a float32
@@ -37,16 +27,17 @@ HALF_ULP = 2.0**-8
 
 
 def test_every_precision_under_every_parallelism(bench_run):
-    data, _ = bench_run
+    _, _, data = bench_run
     rows = {(r["parallel"], r["precision"]): r for r in data["results"]}
     assert set(rows) == {(par, prec) for par in ("ddp", "zero2") for prec in PRECISIONS}
     for (par, prec), r in rows.items():
         ref = rows[(par, "fp32")]
         # the summary is what the recorded trials give
-        assert len(r["trials"]) == 2 and all(t > 0 for t in r["trials"])
-        assert (r["tokens_per_s"], r["min"], r["max"]) == \
-            (statistics.median(r["trials"]), min(r["trials"]), max(r["trials"]))
-        assert r["ratio_vs_fp32"] == pytest.approx(statistics.median(r["trials"]) / statistics.median(ref["trials"]))
+        t = r["trial_s"]
+        assert len(t) == r["trials"] == 2 and all(s > 0 for s in t)
+        assert (r["tokens_per_s"], r["step_ms_min"], r["step_ms_max"]) == \
+            (2 * TINY_TOKENS / statistics.median(t), min(t) * 1e3, max(t) * 1e3)
+        assert r["ratio"] == pytest.approx(statistics.median(ref["trial_s"]) / statistics.median(t))
         assert r["matmul_gflops"] > 0
         # 2 trials x (1 warm-up + 1 timed) steps; at the default scale 2^16 this model's scaled fp16
         # gradients stay far below 65504, so no precision may skip a step (a skip is a false overflow)
@@ -61,17 +52,17 @@ def test_every_precision_under_every_parallelism(bench_run):
     assert data["meta"]["world_size"] == 2 and data["meta"]["flops_per_token"] > 0
 
 
-def test_rank0_prints_one_table(bench_run):
-    _, stdout = bench_run
+def test_writes_the_output_convention_and_one_table(bench_run):
+    out, stdout, _ = bench_run
+    rows, _ = check_outputs(out, "precision", stdout, COLUMNS)
+    assert [(r["parallel"], r["precision"]) for r in rows] == [(p, q) for p in ("ddp", "zero2") for q in PRECISIONS]
     assert stdout.count("# precision throughput: 2 ranks") == 1
-    assert "vs fp32" in stdout and stdout.count("1.00x") >= 2  # fp32's own row, once per parallelism
+    assert "throughput / fp32's" in stdout and stdout.count("1.00x") >= 2  # fp32's own row, once per parallelism
 
 
 @pytest.mark.parametrize("args,word", [(["--precisions", "fp8"], "precisions"), (["--parallel", "fsdp"], "parallel"),
-                                       (["--steps", "0"], "steps"), (["--lr", "-1"], "lr")])
-def test_bad_arguments_exit_before_any_work(args, word, monkeypatch, capsys):
-    from trainer.bench_precision import _args
-    monkeypatch.setattr(sys, "argv", ["bench_precision", *args])
+                                       (["--iters", "0"], "iters"), (["--lr", "-1"], "lr")])
+def test_bad_arguments_exit_before_any_work(args, word, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse's exit, before any process group exists
-        _args()
+        parse_args(args)
     assert exc.value.code == 2 and word in capsys.readouterr().err

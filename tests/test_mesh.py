@@ -15,6 +15,15 @@ def test_ep_groups_on_four_ranks(pools):
         assert r["ep_sum"] == sum(r["ep"]) and r["expert_dp_sum"] == sum(r["expert_dp"])
         assert r["ep_rank"] == rank % 2
         assert r["communicators"] == ["dp", "ep", "expert_dp"]
+        assert r["distinct_groups"]
+
+
+def test_ep_over_the_whole_world_gets_a_group_of_its_own(pools):
+    # every communicator owns its process group: the expert all-to-all (main thread) and the dense
+    # buckets' all-reduce (the communicator's thread) must never post on the same gloo group
+    for r in pools(2).run("dist_cases:topology_groups", ep_size=2):
+        assert r["dp"] == r["ep"] == [0, 1] and r["expert_dp"] == [r["ep_rank"]]
+        assert r["distinct_groups"] and r["communicators"] == ["dp", "ep", "expert_dp"]
 
 
 def test_ep_size_one_keeps_experts_dense(pools):

@@ -23,19 +23,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from parallel.collectives import Communicator
+from parallel.memory import peak_memory_mb
 
 from .checkpoint import CheckpointManager
 from .config import LoopConfig
 from .data import ShardedBatches, eval_batches
 from .engines import Engine, StepResult
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process so far: allocated on CUDA, resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @dataclass

@@ -6,17 +6,23 @@ host, the device synchronised again; the figure is the mean over the group's ran
 seconds per call. Absolute times on shared machines are noise, so benchmarks compare
 peers measured in the same run: `interleaved` runs trial after trial, every case once per
 trial in a fixed order (A B C A B C ...), so a slow phase of the machine hits them alike.
+
+Memory: `peak_memory_mb` is the process's peak so far; `PeakMemory` the growth of that peak
+over a baseline taken when it is made, what one case (a layer's passes, a training launch's
+steps) adds to what was there before it.
 """
 
 from __future__ import annotations
 
-import resource
+import os
 import statistics
 import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from ..memory import peak_memory_mb, reset_peak_memory
 
 
 def sync(device: torch.device) -> None:
@@ -62,14 +68,39 @@ def spread(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _resident_mb() -> float | None:
+    """Resident set size now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated on CUDA (since the last reset), resident set on CPU
-    (since the process started: the operating system keeps no resettable peak)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class PeakMemory:
+    """Peak memory growth over a baseline taken at construction (the device synchronised first).
+
+    CUDA: the allocator's peak since a reset made here, minus the bytes allocated then: exact
+    tensor bytes. CPU: the growth of the peak resident set (ru_maxrss), the only peak the
+    operating system keeps: resident pages, not tensor bytes (allocator slack and libraries
+    paged in count), and it reads low when an earlier peak already lay above the resident size
+    at the baseline; `slack_mb` (that earlier peak minus the resident size then) bounds it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        sync(device)
+        reset_peak_memory(device)
+        self.baseline_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" \
+            else peak_memory_mb(device)
+        resident = None if device.type == "cuda" else _resident_mb()
+        self.slack_mb = 0.0 if resident is None else max(0.0, self.baseline_mb - resident)
+
+    def growth_mb(self) -> float:
+        sync(self.device)
+        return peak_memory_mb(self.device) - self.baseline_mb
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "cuda max_memory_allocated growth (tensor bytes)"
+        return "ru_maxrss growth (resident set, not tensor bytes)"

@@ -203,6 +203,8 @@ def topology_groups(rank: int, world: int, ep_size: int) -> dict:
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=g)
         out[name + "_sum"] = t.item()
+    groups = [topo.group(n) for n in ("dp", "ep", "expert_dp")]
+    out["distinct_groups"] = len({id(g) for g in groups}) == len(groups)
     comms = topo.communicators(algorithm="ring")
     out["communicators"] = sorted(k for k in ("dp", "ep", "expert_dp") if getattr(comms, k) is not None)
     comms.close()

@@ -109,13 +109,15 @@ class GradSync:
             if prescale != 1.0:
                 unit.grad_full.mul_(prescale)
             if unit.comm.world_size > 1:
-                unit.handle = unit.comm.all_reduce(unit.grad_full, op=op, async_op=True)
+                unit.handle = unit.comm.all_reduce(unit.grad_full, op=op, async_op=True,
+                                                   tag=f"bucket {unit.index}")
         else:
             grads = unit.staging[: unit.padded]
             if prescale != 1.0:
                 grads.mul_(prescale)
             unit.incoming = unit.grad_shard.new_empty(unit.S)
-            unit.handle = unit.comm.reduce_scatter(unit.incoming, grads, op=op, async_op=True)
+            unit.handle = unit.comm.reduce_scatter(unit.incoming, grads, op=op, async_op=True,
+                                                   tag=f"bucket {unit.index}")
             unit.ready.clear()                # the next micro-step's gradients start a new round
         self._launched += 1
         if self.on_launched is not None:

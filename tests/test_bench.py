@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from parallel.bench import BenchConfig, make_plan, parse_bytes
-from parallel.collectives import available
+from parallel.collectives import TuningTable, available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast"]
@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "parallel.bench", f"ops=[{','.join(OPS)}]", "algorithms=[ring,rhd,tree,native]",
+           "-m", "parallel.bench", f"ops=[{','.join(OPS)}]", "algorithms=[ring,rhd,tree,native,hier,auto]",
            "min_bytes=8", "max_bytes=256K", "iters=3", "warmup=1", "dtype=float32",
            "large_min_bytes=128K", "small_max_bytes=4K", "progress=false", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=out, env=ENV, capture_output=True, text=True, timeout=600)
@@ -41,7 +41,7 @@ def test_results_csv_columns_and_rows(bench_run):
     factors = {"all_reduce": 1.0, "reduce_scatter": 0.5, "all_gather": 0.5, "all_to_all": 0.5, "broadcast": 1.0}
     for op in OPS:
         mine = [r for r in rows if r["op"] == op]
-        assert {r["algorithm"] for r in mine} == set(available(op))
+        assert {r["algorithm"] for r in mine} == set(available(op)) | {"auto"}
         largest = max(int(r["size_bytes"]) for r in mine)
         assert largest == 256 * 1024
         for r in mine:
@@ -65,6 +65,8 @@ def test_json_summary_and_plot(bench_run):
     out, stdout = bench_run
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["world_size"] == 2 and data["meta"]["memcpy_gbps"] > 0
+    assert (data["meta"]["nodes"], data["meta"]["ranks_per_node"]) == (1, 2)
+    assert all((r["nodes"], r["ranks_per_node"]) == (1, 2) for r in data["results"])
     ring = next(s for s in data["summary"] if s["op"] == "all_reduce" and s["algorithm"] == "ring")
     assert ring["large_sizes"] == 2 and ring["large_busbw_ratio"] > 0
     assert ring["small_sizes"] == 10 and ring["small_latency_ratio"] > 0
@@ -75,6 +77,41 @@ def test_json_summary_and_plot(bench_run):
     assert "algbw(GB/s)" in stdout and "busbw(GB/s)" in stdout and "#wrong" in stdout
     assert "summary vs native" in stdout and "memory-copy ceiling" in stdout
     assert stdout.count("all_reduce") >= 4 * 16
+
+
+def test_auto_row_says_where_its_choices_come_from(bench_run):
+    _, stdout = bench_run
+    assert "# auto: calibration at start-up" in stdout
+
+
+def test_tune_mode_writes_a_tuning_file_auto_then_follows(tmp_path):
+    """mode=tune measures every algorithm and writes tuning.json; a sweep given that file runs
+    auto from it; a training run given it picks, per bucket, the best algorithm it lists."""
+    tune = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "parallel.bench", "mode=tune", "ops=[all_reduce,reduce_scatter]", "min_bytes=1K", "max_bytes=64K",
+           "iters=2", "warmup=1", "progress=false", "plot=false", f"hydra.run.dir={tune}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = TuningTable.load(tune / "tuning.json")
+    assert (table.world_size, table.nodes, table.ranks_per_node, table.backend) == (2, 1, 2, "gloo")
+    sizes = sorted({e.size_bytes for e in table.entries if e.op == "all_reduce"})
+    assert sizes == [1 << k for k in range(10, 17)]
+    for e in table.entries:  # every flat algorithm that has the op (hier is the ring on one node)
+        assert set(e.seconds) == set(available(e.op)) - {"hier"}, e
+    rows = list(csv.DictReader(open(tune / "results.csv")))
+    for e in table.entries:
+        fastest = min((r for r in rows if r["op"] == e.op and int(r["size_bytes"]) == e.size_bytes),
+                      key=lambda r: float(r["time_us"]))
+        assert e.best(e.seconds) == fastest["algorithm"]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "parallel.bench", "ops=[all_reduce]", "algorithms=[ring,auto]", "min_bytes=1K", "max_bytes=4K",
+           "iters=2", "warmup=1", "progress=false", "plot=false", f"tuning={tune / 'tuning.json'}",
+           f"hydra.run.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"# auto: from {tune / 'tuning.json'}" in proc.stdout
 
 
 def test_rank0_alone_writes_the_log(bench_run):
@@ -94,6 +131,8 @@ def test_parse_bytes(text, value):
     ({"max_bytes": "12Q"}, "max_bytes"), ({"min_bytes": "1M", "max_bytes": "1K"}, "max_bytes"),
     ({"dtype": "float8"}, "dtype"), ({"iters": 0}, "iters"), ({"window": 1}, "window"),
     ({"reduce_op": "avg", "dtype": "int32"}, "avg"), ({"min_bytes": "0"}, "min_bytes"),
+    ({"mode": "tuning"}, "mode"), ({"calibration_s": 0}, "calibration_s"),
+    ({"tuning": "/nonexistent/tuning.json"}, "tuning=/nonexistent/tuning.json: no such file"),
 ])
 def test_bad_config_names_the_key(override, key):
     cfg = BenchConfig(**override)

@@ -27,8 +27,15 @@ class ParallelConfig:
 
     name: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
     """ddp (replicated), or ZeRO sharding: zero1 (optimizer states), zero2 (+ gradients), zero3 (+ parameters)."""
-    algorithm: Literal["ring", "rhd", "tree", "native"] = "ring"
-    """Collective algorithm for gradient all-reduce and parameter broadcast."""
+    algorithm: Literal["ring", "rhd", "tree", "native", "hier", "auto"] = "ring"
+    """Collective algorithm for every gradient and parameter collective: a flat one, hier (two
+    levels: inside nodes, then between them), or auto (per op and bucket size, the one measured
+    fastest for this job's layout: from parallel.tuning, else a start-up calibration)."""
+    tuning: Optional[str] = None
+    """A tuning file (`python -m parallel.bench mode=tune` writes DIR/tuning.json) for
+    algorithm=auto; one measured for another layout is reported and not used."""
+    calibration_s: float = 5.0
+    """algorithm=auto without a usable tuning file: seconds of measurement at start-up."""
     bucket_mb: float = 25.0
     """Gradient bucket size in MiB."""
     first_bucket_mb: float = 1.0
@@ -53,8 +60,13 @@ class ParallelConfig:
         return ZERO_STAGES[self.name]
 
     def validate(self) -> None:
-        for k in ("bucket_mb", "first_bucket_mb", "segment_mb", "timeout_s"):
+        for k in ("bucket_mb", "first_bucket_mb", "segment_mb", "timeout_s", "calibration_s"):
             require(getattr(self, k) > 0, f"parallel.{k}", "be > 0", getattr(self, k))
+        if self.tuning is not None:
+            require(self.algorithm == "auto", "parallel.tuning", "go with parallel.algorithm=auto (it is "
+                    f"{self.algorithm!r})", self.tuning)
+            from parallel.collectives import TuningTable
+            TuningTable.load(self.tuning)  # a damaged file stops here, naming parallel.tuning
         require(self.ep_size >= 1, "parallel.ep_size", "be >= 1", self.ep_size)
         require(self.window >= 2, "parallel.window", "be >= 2", self.window)
 
@@ -186,6 +198,10 @@ class LoopConfig:
     """Show a progress bar on rank 0."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """fp32/bf16: a non-finite loss or gradient stops the run naming the step and rank(s), or skips that step."""
+    trace_steps: list[int] = field(default_factory=list)
+    """[first, last]: trace these optimizer steps (1-based, inclusive; steps past the end are not
+    traced) into <run dir>/trace/: a Chrome trace per rank and a PNG of the last traced step
+    (trainer/trace.py); [] = off."""
 
     def validate(self) -> None:
         for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
@@ -196,6 +212,9 @@ class LoopConfig:
                 "be >= 1 or null", self.stop_after_steps)
         require(self.peak_tflops is None or self.peak_tflops > 0, "trainer.peak_tflops", "be > 0 or null",
                 self.peak_tflops)
+        t = self.trace_steps
+        require(not t or (len(t) == 2 and 1 <= t[0] <= t[1]), "trainer.trace_steps",
+                "be [] (off) or [first, last] with 1 <= first <= last", t)
 
 
 @dataclass

@@ -1,22 +1,28 @@
-"""The training loop: the engine's step, then each component in turn.
+"""The training loop: each component before the step, the engine's step, each component after it.
 
     for step in range(start, end):
+        for component in components:            # [Tracing,] Metrics (with evaluation), Checkpointing, Progress
+            component.before_step(step + 1)
         result = engine.train_step(batches, step)
-        for component in components:            # Metrics (with evaluation), Checkpointing, Progress
+        for component in components:
             component.after_step(step + 1, result)
 
 `Metrics` keeps a window of steps and, every trainer.log_every steps and at evaluation
 steps, writes one record to metrics.jsonl and the logger (rank 0), with the validation
 loss when trainer.eval_every says so. `Checkpointing` saves through the one checkpointer
 every trainer.ckpt_every steps and at the end, and tells `Metrics` how long it took (saving
-is not training time). `Progress` is rank 0's bar. None of them asks which engine runs.
+is not training time). `Progress` is rank 0's bar. `Tracing`, with trainer.trace_steps,
+records the traced steps' compute and collectives (trainer/trace.py); it goes first, so the
+other components' own collectives are not part of a step. None of them asks which engine runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -29,6 +35,9 @@ from .checkpoint import CheckpointManager
 from .config import LoopConfig
 from .data import ShardedBatches, eval_batches
 from .engines import Engine, StepResult
+from .trace import NO_TRACE, StepTracer, plot_step
+
+log = logging.getLogger("ringtrain.train")
 
 
 @dataclass
@@ -64,7 +73,17 @@ class Validator:
         return (total[0] / total[1].clamp_min(1)).item()
 
 
-class Metrics:
+class Component:
+    """A part of the loop: called before and after every optimizer step (`step` / `done` count from 1)."""
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, done: int, result: StepResult) -> None:
+        pass
+
+
+class Metrics(Component):
     """Windowed step metrics; see the module docstring for when a record is written."""
 
     def __init__(self, engine: Engine, comm: Communicator, info: RunInfo, validate: Validator, *,
@@ -142,7 +161,7 @@ class Metrics:
         return out
 
 
-class Checkpointing:
+class Checkpointing(Component):
     """Saves every trainer.ckpt_every steps and at the last step of this launch."""
 
     def __init__(self, manager: CheckpointManager, engine: Engine, batches: ShardedBatches, *, every: int,
@@ -158,7 +177,7 @@ class Checkpointing:
         self.metrics.exclude(time.perf_counter() - t0)
 
 
-class Progress:
+class Progress(Component):
     """Rank 0's progress bar, showing the last logged loss."""
 
     def __init__(self, metrics: Metrics, *, total: int, initial: int, enabled: bool):
@@ -174,10 +193,56 @@ class Progress:
         self.bar.close()
 
 
+class Tracing(Component):
+    """trainer.trace_steps=[first, last]: traces those steps (the ones this launch runs) and, after
+    the last one, writes <run dir>/trace/trace_rank<r>.json on every rank and, on rank 0, the
+    PNG of the last traced step (see trainer/trace.py). Outside them nothing is attached."""
+
+    def __init__(self, engine: Engine, info: RunInfo, run_dir: Path, *, end: int):
+        first, last = info.loop.trace_steps
+        self.engine, self.folder = engine, Path(run_dir) / "trace"
+        self.first, self.last = first, min(last, end)
+        self.tracer = StepTracer(rank=info.dp_rank, device=info.device, label=engine.describe())
+
+    def _traced(self, step: int) -> bool:
+        return self.first <= step <= self.last
+
+    def before_step(self, step: int) -> None:
+        if not self._traced(step):
+            return
+        comms = getattr(self.engine, "comms", None)  # the validator's and the metrics' traffic is not traced
+        named = {n: getattr(comms, n, None) for n in ("dp", "ep", "expert_dp")}
+        self.tracer.begin(step, {n: c for n, c in named.items() if c is not None})
+        if hasattr(self.engine, "trace"):
+            self.engine.trace = self.tracer
+
+    def after_step(self, done: int, result: StepResult) -> None:
+        if not self._traced(done):
+            return
+        if hasattr(self.engine, "trace"):
+            self.engine.trace = NO_TRACE
+        self.tracer.end(done)
+        if done == self.last:
+            self._write(done)
+
+    def _write(self, last: int) -> None:
+        path = self.tracer.write(self.folder)
+        if self.tracer.rank != 0:
+            return
+        png = self.folder / f"step_{last}.png"
+        share = plot_step(self.tracer, last, png)
+        steps = self.tracer.steps()
+        traced = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+        log.info(f"trace of {traced}: {path.parent}/trace_rank<r>.json on every rank "
+                 f"(open in ui.perfetto.dev), {png} (step {last}: exposed communication {share:.1%})")
+
+
 def run(engine: Engine, batches: ShardedBatches, components: list, *, start: int, end: int) -> None:
-    """Steps start .. end - 1, each followed by every component."""
+    """Steps start .. end - 1, each between every component's before_step and after_step."""
     with logging_redirect_tqdm():
         for step in range(start, end):
+            for component in components:
+                component.before_step(step + 1)
             result = engine.train_step(batches, step)
             for component in components:
                 component.after_step(step + 1, result)

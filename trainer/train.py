@@ -24,12 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from models.transformer import DecoderLM
-from parallel.collectives import CollectiveTimeout, Tuning
+from parallel.collectives import CollectiveTimeout, Tuning, TuningTable
 from parallel.mesh import MeshShape, Topology
 from parallel.process_group import abort_process, init_distributed, shutdown
 
 from . import loop
 from .checkpoint import CheckpointManager, EngineState, resolve_resume
+from .collective_plan import plan_collectives
 from .config import TrainConfig, check_launch, load_config, uses_cuda
 from .data import ShardedBatches, TokenData, check_split_sizes, load_tokens
 from .engines import NonFiniteLossError, build_engine
@@ -97,7 +98,12 @@ def _run(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     p = tc.parallel
     topology = Topology.build(MeshShape(ctx.world_size, ep=p.ep_size), ctx.device.type)
-    comms = topology.communicators(algorithm=p.algorithm, timeout_s=p.timeout_s,
+    table = TuningTable.load(p.tuning) if p.tuning is not None else None  # checked before the process group
+    if table is not None and ctx.rank == 0:
+        why = table.mismatch(world_size=ctx.world_size, layout=topology.layout, backend=ctx.backend)
+        if why is not None:
+            log.warning(f"parallel.tuning={p.tuning} is not used: {why}; calibrating at start-up instead")
+    comms = topology.communicators(algorithm=p.algorithm, timeout_s=p.timeout_s, table=table,
                                    tuning=Tuning(segment_bytes=int(p.segment_mb * 2**20), window=p.window))
     # every rank reads its own shard of the data
     batches = ShardedBatches(tokens.train, seq_len=tc.model.seq_len, micro_batch_size=tc.trainer.micro_batch_size,
@@ -114,6 +120,9 @@ def _run(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx) -> dict:
     engine = build_engine(tc.engine, model=model, comms=comms, parallel=p, precision=tc.precision, optim=tc.optim,
                           loop=tc.trainer, device=ctx.device)
     try:
+        if getattr(engine, "wrapper", None) is not None:  # the native engine: ringtrain's collectives
+            plan_collectives(engine.wrapper, comms, calibration_s=p.calibration_s, device=ctx.device,
+                             run_dir=run_dir, rank=ctx.rank)
         if restored is not None:
             template = engine.sharded_template()
             manager.load_sharded(restored.path, template)  # ZeRO: resharded to this world size by DCP
@@ -151,6 +160,8 @@ def _loop(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx, engine, batche
     progress = loop.Progress(metrics, total=t.max_steps, initial=start, enabled=t.progress and ctx.rank == 0)
     components = [metrics, loop.Checkpointing(manager, engine, batches, every=t.ckpt_every, end=end,
                                               metrics=metrics), progress]
+    if t.trace_steps:  # first, so the metrics' and validator's collectives fall outside the traced step
+        components.insert(0, loop.Tracing(engine, info, run_dir, end=end))
     try:
         loop.run(engine, batches, components, start=start, end=end)
     finally:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from ..collectives import ALGORITHMS, OPS, REDUCE_OPS
+from ..collectives import ALGORITHMS, AUTO, OPS, REDUCE_OPS, TuningTable
+
+MODES = ("sweep", "tune")
 
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -30,10 +33,17 @@ def parse_bytes(value, key: str) -> int:
 class BenchConfig:
     """nccl-tests-style sweep over ops, algorithms and message sizes."""
 
+    mode: str = "sweep"
+    """sweep: measure and report; tune: measure every algorithm and write tuning.json for `auto`."""
     ops: list[str] = field(default_factory=lambda: ["all_reduce"])
     """Collectives to measure: all_reduce, reduce_scatter, all_gather, all_to_all, broadcast."""
-    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS))
-    """Algorithms to compare; pairs an algorithm does not implement are skipped and listed."""
+    algorithms: list[str] = field(default_factory=lambda: list(ALGORITHMS) + [AUTO])
+    """Algorithms to compare (auto: what training would choose); pairs an algorithm does not
+    implement are skipped and listed. mode=tune measures every algorithm whatever this says."""
+    tuning: Optional[str] = None
+    """The auto row's tuning file; none (or one for another layout): calibrate at start, as training does."""
+    calibration_s: float = 5.0
+    """Seconds the auto row's start-up calibration may take."""
     min_bytes: str = "8"
     """Smallest message (bytes; K/M/G suffixes are binary)."""
     max_bytes: str = "64M"
@@ -68,6 +78,7 @@ class BenchConfig:
 class BenchPlan:
     """BenchConfig turned into checked values."""
 
+    mode: str
     ops: tuple[str, ...]
     algorithms: tuple[str, ...]
     sizes: tuple[int, ...]
@@ -82,6 +93,8 @@ class BenchPlan:
     large_min_bytes: int
     small_max_bytes: int
     backend: str
+    tuning: TuningTable | None
+    calibration_s: float
 
 
 def _choices(key: str, values, allowed) -> tuple[str, ...]:
@@ -96,8 +109,15 @@ def _choices(key: str, values, allowed) -> tuple[str, ...]:
 
 def make_plan(cfg) -> BenchPlan:
     """Checks every field, naming the key at fault, before any process group exists."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r}; choose from {list(MODES)}")
     ops = _choices("ops", cfg.ops, OPS)
-    algorithms = _choices("algorithms", cfg.algorithms, ALGORITHMS)
+    algorithms = _choices("algorithms", cfg.algorithms, ALGORITHMS + (AUTO,))
+    if cfg.mode == "tune":
+        algorithms = ALGORITHMS
+    if not cfg.calibration_s > 0:
+        raise ValueError(f"calibration_s must be > 0, got {cfg.calibration_s!r}")
+    tuning = TuningTable.load(cfg.tuning, key="tuning") if cfg.tuning is not None else None
     lo, hi = parse_bytes(cfg.min_bytes, "min_bytes"), parse_bytes(cfg.max_bytes, "max_bytes")
     if lo <= 0:
         raise ValueError(f"min_bytes must be > 0, got {cfg.min_bytes!r}")
@@ -127,7 +147,8 @@ def make_plan(cfg) -> BenchPlan:
         s *= 2
     if not sizes:
         sizes = [lo]
-    return BenchPlan(ops, algorithms, tuple(sizes), DTYPES[cfg.dtype], cfg.dtype, cfg.reduce_op,
+    return BenchPlan(cfg.mode, ops, algorithms, tuple(sizes), DTYPES[cfg.dtype], cfg.dtype, cfg.reduce_op,
                      int(cfg.iters), int(cfg.warmup), bool(cfg.check), seg, int(cfg.window),
                      parse_bytes(cfg.large_min_bytes, "large_min_bytes"),
-                     parse_bytes(cfg.small_max_bytes, "small_max_bytes"), cfg.backend)
+                     parse_bytes(cfg.small_max_bytes, "small_max_bytes"), cfg.backend, tuning,
+                     float(cfg.calibration_s))

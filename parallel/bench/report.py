@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# the contract of results.csv; the node layout (nodes, ranks_per_node) is in results.json's meta
 CSV_COLUMNS = ["op", "algorithm", "world_size", "dtype", "size_bytes", "count", "time_us",
                "algbw_gbps", "busbw_gbps", "wrong"]
 
@@ -18,6 +19,8 @@ class Row:
     op: str
     algorithm: str
     world_size: int
+    nodes: int
+    ranks_per_node: int | None  # None: nodes hold different numbers of ranks
     dtype: str
     size_bytes: int
     count: int
@@ -27,10 +30,11 @@ class Row:
     wrong: int
 
 
-def make_row(op, algorithm, world, dtype_name, count, elem_size, seconds, factor, wrong) -> Row:
+def make_row(op, algorithm, world, layout, dtype_name, count, elem_size, seconds, factor, wrong) -> Row:
     size = count * elem_size
     algbw = size / seconds / 1e9 if seconds > 0 else 0.0
-    return Row(op, algorithm, world, dtype_name, size, count, seconds * 1e6, algbw, algbw * factor, wrong)
+    return Row(op, algorithm, world, layout.nodes, layout.ranks_per_node, dtype_name, size, count, seconds * 1e6,
+               algbw, algbw * factor, wrong)
 
 
 def table_header(reduce_op: str) -> str:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..collectives import Communicator, Tuning, available
+from ..collectives import AUTO, Communicator, Tuning, TuningTable, available, calibrate, discover_layout
+from ..collectives.nodes import build_level_groups
 from ..process_group import init_distributed, shutdown
 from . import report
 from .config import BenchPlan, make_plan
@@ -46,27 +47,59 @@ def run_bench(cfg, out_dir: str | Path) -> list[report.Row]:
         shutdown()
 
 
+def _communicators(plan: BenchPlan, ctx, layout, notes: list[str]) -> dict[str, Communicator]:
+    """One communicator per algorithm (collective: hier and auto get their node levels)."""
+    tuning = Tuning(segment_bytes=plan.segment_bytes, window=plan.window)
+    world = list(range(ctx.world_size))
+    comms = {}
+    for a in plan.algorithms:
+        if a == "hier" and not layout.uniform:
+            notes.append(f"# skipped: hier needs the same number of ranks on every node ({layout.describe()})")
+            continue
+        if a == "hier" and plan.mode == "tune" and not layout.hierarchical:
+            continue  # one node (or one rank per node): hier is the ring
+        levels = build_level_groups([world], layout).get(tuple(world)) if a in ("hier", AUTO) else None
+        comms[a] = Communicator(algorithm=a, tuning=tuning, layout=layout if layout.uniform else None, levels=levels)
+    auto = comms.get(AUTO)
+    if auto is not None:
+        table = plan.tuning
+        why = table.mismatch(world_size=ctx.world_size, layout=auto.layout, backend=ctx.backend) if table else None
+        if table is not None and why is None:
+            auto.table = table
+            notes.append(f"# auto: from {table.source}")
+        else:
+            if why:
+                notes.append(f"# auto: the tuning file is not used: {why}")
+            auto.table = calibrate(auto, list(plan.ops), max_bytes=max(plan.sizes), budget_s=plan.calibration_s,
+                                   dtype=plan.dtype, device=ctx.device)
+            notes.append(f"# auto: {auto.table.source}")
+    return comms
+
+
 def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> list[report.Row]:
     world, main = ctx.world_size, ctx.is_main
-    tuning = Tuning(segment_bytes=plan.segment_bytes, window=plan.window)
-    comms = {a: Communicator(algorithm=a, tuning=tuning) for a in plan.algorithms}
+    layout = discover_layout()
+    notes: list[str] = []
+    comms = _communicators(plan, ctx, layout, notes)
     elem = torch.empty(0, dtype=plan.dtype).element_size()
-    pairs = [(op, a) for op in plan.ops for a in plan.algorithms if a in available(op)]
-    skipped = [(op, a) for op in plan.ops for a in plan.algorithms if a not in available(op)]
+    pairs = [(op, a) for op in plan.ops for a in comms if a in available(op) or a == AUTO]
+    skipped = [(op, a) for op in plan.ops for a in comms if a not in available(op) and a != AUTO]
     memcpy = memcpy_bandwidth(ctx.device) if main else 0.0
     dist.barrier()
     if main:
-        print(f"# ringtrain collective benchmark: {world} ranks, backend {ctx.backend}, device "
-              f"{ctx.device.type}, dtype {plan.dtype_name}, iters {plan.iters}, warmup {plan.warmup}, "
+        print(f"# ringtrain collective benchmark: {world} ranks ({layout.describe()}), backend {ctx.backend}, "
+              f"device {ctx.device.type}, dtype {plan.dtype_name}, iters {plan.iters}, warmup {plan.warmup}, "
               f"segment {plan.segment_bytes} B x window {plan.window}", flush=True)
         for op, a in skipped:
             print(f"# skipped: {a} has no {op} (algorithms for {op}: {', '.join(available(op))})")
+        for note in notes:
+            print(note)
     rows: list[report.Row] = []
     bar = tqdm(total=len(pairs) * len(plan.sizes), disable=not (main and progress),
                file=sys.stderr, desc="bench", leave=False)
     lines = []
     for op in plan.ops:
-        algos = [a for a in plan.algorithms if a in available(op)]
+        algos = [a for a in comms if a in available(op) or a == AUTO]
         if not algos:
             continue
         if main:
@@ -84,7 +117,7 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> l
                 wrong_t = torch.tensor([wrong], dtype=torch.int64, device=ctx.device)
                 dist.all_reduce(wrong_t)
                 seconds = time_case(case, plan.warmup, plan.iters, ctx.device, None)
-                row = report.make_row(op, algo, world, plan.dtype_name, count, elem, seconds,
+                row = report.make_row(op, algo, world, layout, plan.dtype_name, count, elem, seconds,
                                       BUSBW_FACTOR[op](world), int(wrong_t.item()))
                 rows.append(row)
                 if main:
@@ -104,7 +137,8 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> l
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "table.txt").write_text("\n".join(lines) + "\n" + text + "\n")
         report.write_csv(out_dir / "results.csv", rows)
-        meta = {"world_size": world, "backend": ctx.backend, "device": str(ctx.device),
+        meta = {"world_size": world, "nodes": layout.nodes, "ranks_per_node": layout.ranks_per_node,
+                "backend": ctx.backend, "device": str(ctx.device),
                 "dtype": plan.dtype_name, "reduce_op": plan.reduce_op, "iters": plan.iters,
                 "warmup": plan.warmup, "segment_bytes": plan.segment_bytes, "window": plan.window,
                 "memcpy_gbps": memcpy, "torch": torch.__version__, "python": platform.python_version(),
@@ -112,5 +146,23 @@ def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> l
         report.write_json(out_dir / "results.json", rows, summary, meta)
         if plot:
             report.plot_busbw(out_dir / "busbw.png", rows, memcpy, world)
+        if plan.mode == "tune":
+            table = tuning_table(rows, layout, ctx.backend, source=str(out_dir / "results.csv"))
+            table.save(out_dir / "tuning.json")
+            print(f"# wrote {out_dir / 'tuning.json'}: {len(table.entries)} sizes x ops for {world} ranks as "
+                  f"{layout.describe()}; train with parallel.algorithm=auto parallel.tuning={out_dir / 'tuning.json'}")
         log.info("wrote %s", out_dir)
     return rows
+
+
+def tuning_table(rows: list[report.Row], layout, backend: str, source: str) -> TuningTable:
+    """The measured seconds per call of every algorithm, per op, dtype and size (auto's rows left out)."""
+    from ..collectives.autotune import Entry
+
+    by_case: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.algorithm != AUTO and r.wrong == 0 and r.time_us > 0:
+            by_case.setdefault((r.op, r.dtype, r.size_bytes), {})[r.algorithm] = r.time_us / 1e6
+    entries = [Entry(op, dtype, size, secs) for (op, dtype, size), secs in by_case.items()]
+    return TuningTable(world_size=layout.world_size, nodes=layout.nodes, ranks_per_node=layout.ranks_per_node,
+                       backend=backend, entries=entries, source=source)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import alltoall, native, rhd, ring, tree  # noqa: F401  (fill the registry)
+from . import alltoall, hier, native, rhd, ring, tree  # noqa: F401  (fill the registry)
 from .checks import check_device, check_numel, check_op, check_pair, check_splits, check_tensor
 from .reduce_ops import split_bounds
 from .registry import Tuning, lookup

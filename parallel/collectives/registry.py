@@ -18,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
-AlgorithmName = Literal["ring", "rhd", "tree", "native"]
+AlgorithmName = Literal["ring", "rhd", "tree", "native", "hier"]
 ALGORITHMS: tuple[str, ...] = get_args(AlgorithmName)
+AUTO = "auto"
+"""Not an implementation: a Communicator with algorithm="auto" picks one per op and size (autotune.py)."""
 OpName = Literal["all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast"]
 OPS: tuple[str, ...] = get_args(OpName)
 

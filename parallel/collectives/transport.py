@@ -32,6 +32,8 @@ class CommStats:
 
     bytes_sent: int = 0
     """Bytes this rank handed to sends (payload only)."""
+    inter_node_bytes: int = 0
+    """Of those, bytes sent to ranks on other nodes (known once the communicator knows the nodes)."""
     calls: int = 0
     """Collective calls made."""
     wait_s: float = 0.0
@@ -39,6 +41,7 @@ class CommStats:
 
     def reset(self) -> None:
         self.bytes_sent = 0
+        self.inter_node_bytes = 0
         self.calls = 0
         self.wait_s = 0.0
 
@@ -56,6 +59,14 @@ class Transport:
         """time.monotonic() by which the running collective must finish; None: wait forever."""
         # gloo posts one message at a time anyway; posting them here tells which peer a failure is for
         self._batch = "nccl" in str(dist.get_backend(self.group)).lower()
+        self._remote: list[bool] | None = None
+        self.levels = None
+        """hier.Levels: the intra-/inter-node transports of this group, where it spans several
+        nodes with the same number of ranks on each; None: the hierarchical ops run flat."""
+
+    def mark_remote(self, remote: list[bool]) -> None:
+        """remote[q]: group rank q is on another node (its bytes count as inter-node)."""
+        self._remote = list(remote)
 
     def post(self, sends=(), recvs=()) -> Pending:
         """Posts sends [(tensor, dst)] and receives [(tensor, src)], group ranks.
@@ -64,10 +75,14 @@ class Transport:
         receiver derive the same sizes, so both sides skip the same messages.
         """
         group = self.group
+        sends = [(t, dst) for t, dst in sends if t.numel()]
+        for t, dst in sends:
+            nbytes = t.numel() * t.element_size()
+            self.stats.bytes_sent += nbytes
+            if self._remote is not None and self._remote[dst]:
+                self.stats.inter_node_bytes += nbytes
         recvs = [(t, self.global_ranks[src]) for t, src in recvs if t.numel()]
-        sends = [(t, self.global_ranks[dst]) for t, dst in sends if t.numel()]
-        for t, _ in sends:
-            self.stats.bytes_sent += t.numel() * t.element_size()
+        sends = [(t, self.global_ranks[dst]) for t, dst in sends]
         if self._batch:
             if not recvs and not sends:
                 return Pending(self, [], [])

@@ -72,7 +72,8 @@ class Stage3Gather:
             return
         unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
         source = unit.half_shard if unit.half_shard is not None else unit.shard.detach()
-        self._handles[unit.index] = unit.comm.all_gather(self._targets[unit.index], source, async_op=True)
+        self._handles[unit.index] = unit.comm.all_gather(self._targets[unit.index], source, async_op=True,
+                                                             tag=f"bucket {unit.index}")
 
     def _wait(self, unit: FlatUnit) -> None:
         self._start(unit)

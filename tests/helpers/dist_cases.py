@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import NodeLayout
+from parallel.collectives.nodes import build_level_groups
 from parallel.collectives import (
     Communicator, Tuning, all_gather, all_reduce, all_to_all, broadcast, exchange_split_sizes,
     reduce_scatter, split_bounds,
@@ -40,34 +42,86 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return view
 
 
+_LAYOUT_COMMS: dict = {}
+
+
+def layout_comm(world: int, node_of: tuple[int, ...], algorithm: str = "hier") -> Communicator:
+    """A Communicator over the whole world that believes the ranks sit on nodes `node_of`,
+    with its intra-/inter-node groups (made once per layout and algorithm, collectively)."""
+    key = (tuple(node_of), algorithm)
+    if key not in _LAYOUT_COMMS:
+        layout = NodeLayout(tuple(node_of))
+        levels = build_level_groups([list(range(world))], layout).get(tuple(range(world)))
+        _LAYOUT_COMMS[key] = Communicator(dist.new_group(list(range(world))), algorithm=algorithm,
+                                          layout=layout, levels=levels)
+    return _LAYOUT_COMMS[key]
+
+
+class _ViaCommunicator:
+    """The functional forms' signatures, run through a layout-aware Communicator."""
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+
+    def all_reduce(self, x, *, op, algorithm, tuning):
+        self.comm.tuning = tuning
+        self.comm.all_reduce(x, op=op)
+
+    def reduce_scatter(self, out, inp, *, op, algorithm, tuning):
+        self.comm.tuning = tuning
+        self.comm.reduce_scatter(out, inp, op=op)
+
+    def all_gather(self, out, inp, *, algorithm, tuning):
+        self.comm.tuning = tuning
+        self.comm.all_gather(out, inp)
+
+    def broadcast(self, x, src, *, algorithm, tuning):
+        self.comm.tuning = tuning
+        self.comm.broadcast(x, src)
+
+    def all_to_all(self, out, inp, *, output_split_sizes, input_split_sizes, algorithm, tuning):
+        self.comm.tuning = tuning
+        self.comm.all_to_all(out, inp, output_split_sizes=output_split_sizes, input_split_sizes=input_split_sizes)
+
+
+class _Functional:
+    all_reduce = staticmethod(all_reduce)
+    reduce_scatter = staticmethod(reduce_scatter)
+    all_gather = staticmethod(all_gather)
+    broadcast = staticmethod(broadcast)
+    all_to_all = staticmethod(all_to_all)
+
+
 def run_spec(rank: int, world: int, spec: dict) -> torch.Tensor:
+    """One collective; with spec["layout"] (node of every rank) through layout_comm, else the functional form."""
     op, algo, dtype, n, seed = spec["op"], spec["algorithm"], spec["dtype"], spec["n"], spec["seed"]
     tuning = Tuning(*spec.get("tuning", (4 << 20, 2, 64 << 10)))
+    c = _ViaCommunicator(layout_comm(world, spec["layout"], algo)) if spec.get("layout") else _Functional
     maybe_strided = _strided if spec.get("noncontig") else (lambda t: t)
     b = split_bounds(n, world)
     if op == "all_reduce":
         x = maybe_strided(rank_input(seed, rank, n, dtype))
-        all_reduce(x, op=spec.get("reduce_op", "sum"), algorithm=algo, tuning=tuning)
+        c.all_reduce(x, op=spec.get("reduce_op", "sum"), algorithm=algo, tuning=tuning)
         return x.clone()
     if op == "reduce_scatter":
         out = maybe_strided(torch.empty(b[rank + 1] - b[rank], dtype=DTYPES[dtype]))
-        reduce_scatter(out, rank_input(seed, rank, n, dtype), op=spec.get("reduce_op", "sum"),
+        c.reduce_scatter(out, rank_input(seed, rank, n, dtype), op=spec.get("reduce_op", "sum"),
                        algorithm=algo, tuning=tuning)
         return out.clone()
     if op == "all_gather":
         out = maybe_strided(torch.empty(n, dtype=DTYPES[dtype]))
-        all_gather(out, rank_input(seed, rank, n, dtype)[b[rank]:b[rank + 1]], algorithm=algo, tuning=tuning)
+        c.all_gather(out, rank_input(seed, rank, n, dtype)[b[rank]:b[rank + 1]], algorithm=algo, tuning=tuning)
         return out.clone()
     if op == "broadcast":
         x = maybe_strided(rank_input(seed, rank, n, dtype))
-        broadcast(x, seed % world, algorithm=algo, tuning=tuning)
+        c.broadcast(x, seed % world, algorithm=algo, tuning=tuning)
         return x.clone()
     if op == "all_to_all":
         splits = spec.get("splits") or a2a_splits(seed, world, n)
         ins = splits[rank]
         outs = [splits[i][rank] for i in range(world)]
         out = maybe_strided(torch.empty(sum(outs), dtype=DTYPES[dtype]))
-        all_to_all(out, rank_input(seed, rank, sum(ins), dtype), output_split_sizes=outs,
+        c.all_to_all(out, rank_input(seed, rank, sum(ins), dtype), output_split_sizes=outs,
                    input_split_sizes=ins, algorithm=algo, tuning=tuning)
         return out.clone()
     raise ValueError(op)
@@ -208,4 +262,81 @@ def topology_groups(rank: int, world: int, ep_size: int) -> dict:
     comms = topo.communicators(algorithm="ring")
     out["communicators"] = sorted(k for k in ("dp", "ep", "expert_dp") if getattr(comms, k) is not None)
     comms.close()
+    return out
+
+
+def inter_node_bytes(rank: int, world: int, node_of: list[int], algorithm: str, op: str, n: int) -> dict:
+    """One collective of n float32 elements through layout_comm; this rank's byte counters."""
+    comm = layout_comm(world, tuple(node_of), algorithm)
+    comm.stats.reset()
+    b = split_bounds(n, world)
+    x = rank_input(7, rank, n, "float32")
+    if op == "all_reduce":
+        comm.all_reduce(x)
+    elif op == "reduce_scatter":
+        comm.reduce_scatter(torch.empty(b[rank + 1] - b[rank]), x)
+    else:
+        comm.all_gather(torch.empty(n), x[b[rank]:b[rank + 1]])
+    return {"bytes_sent": comm.stats.bytes_sent, "inter_node_bytes": comm.stats.inter_node_bytes}
+
+
+def discovered_layout(rank: int, world: int, node_env: list[str] | None, group_rank: list[str] | None) -> list[int]:
+    """discover_layout() with RINGTRAIN_NODE or torchrun's GROUP_RANK set per rank as given."""
+    import os
+
+    from parallel.collectives import discover_layout
+    saved = {k: os.environ.get(k) for k in ("RINGTRAIN_NODE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")}
+    try:
+        for k in saved:
+            os.environ.pop(k, None)
+        if node_env is not None:
+            os.environ["RINGTRAIN_NODE"] = node_env[rank]
+        if group_rank is not None:
+            os.environ["GROUP_RANK"] = group_rank[rank]
+            os.environ["TORCHELASTIC_RUN_ID"] = "test"
+        return list(discover_layout().node_of)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def hier_refusals(rank: int, world: int) -> dict[str, str]:
+    """The messages of hier on an uneven layout, for a Communicator and for a Topology."""
+    from parallel.mesh import MeshShape, Topology
+    out = {}
+    uneven = NodeLayout(tuple([0] * (world - 1) + [1]))
+    try:
+        Communicator(algorithm="hier", layout=uneven)
+    except ValueError as e:
+        out["communicator"] = str(e)
+    topo = Topology.build(MeshShape(world), layout=uneven)
+    try:
+        topo.communicators(algorithm="hier")
+    except ValueError as e:
+        out["topology"] = str(e)
+    return out
+
+
+def auto_choices(rank: int, world: int, table: dict, sizes: list[int], dtype: str) -> dict:
+    """A Communicator(algorithm="auto") over `table` (a tuning file's JSON): per size, the
+    algorithm it names, the one that actually ran (from its trace) and the result."""
+    from parallel.collectives import TuningTable
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(table, f)
+    comm = Communicator(algorithm="auto", table=TuningTable.load(f.name))
+    ran = []
+    comm.tracer = lambda span: ran.append(span.algorithm)
+    out = {"named": [], "ran": ran, "results": []}
+    for i, n in enumerate(sizes):
+        x = rank_input(50 + i, rank, n, dtype)
+        out["named"].append(comm.algorithm_for("all_reduce", x.numel() * x.element_size(), x.dtype))
+        comm.all_reduce(x)
+        out["results"].append(x)
+    comm.close()
     return out

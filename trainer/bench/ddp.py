@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..collective_plan import plan_collectives
 from ..engines import StepResult
 from ..optim import adamw_factory
 from . import common, flags, output
 
-ALGORITHMS = ("ring", "rhd", "tree", "native")
+ALGORITHMS = ("ring", "rhd", "tree", "native", "hier", "auto")
 PEER = "torch DDP"
 COLUMNS = ["engine", "world_size", "tokens_per_s", "step_ms", "step_ms_min", "step_ms_max", "trials", "ratio",
            "last_loss", "grad_norm", "max_weight_diff"]
@@ -39,6 +41,10 @@ def parse_args(argv=None):
     ap.add_argument("--bucket-mb", type=flags.number(float, 0, above=True), default=25.0,
                     help="gradient bucket size, both sides")
     ap.add_argument("--lr", type=flags.number(float, 0, above=True), default=1e-3, help="AdamW learning rate")
+    ap.add_argument("--tuning", type=flags.tuning_file, default=None,
+                    help="auto's tuning file (python -m parallel.bench mode=tune); default: calibrate at start")
+    ap.add_argument("--calibration-s", type=flags.number(float, 0, above=True), default=5.0,
+                    help="auto without a usable tuning file: seconds of start-up calibration")
     return flags.parse(ap, argv)
 
 
@@ -75,9 +81,15 @@ def main(argv=None) -> int:
         mesh = common.topology(ctx)
         base = common.build_model(a, ctx.device)
         batch = common.FixedBatch(a, ctx.rank, ctx.device)
-        contenders = {f"ringtrain[{alg}]": common.engine_contender(
-            "native", copy.deepcopy(base), mesh.communicators(algorithm=alg), a, ctx.device, batch, algorithm=alg,
-            bucket_mb=a.bucket_mb) for alg in a.algorithms}
+        contenders = {}
+        for alg in a.algorithms:
+            comms = mesh.communicators(algorithm=alg, table=a.tuning)
+            c = common.engine_contender("native", copy.deepcopy(base), comms, a, ctx.device, batch, algorithm=alg,
+                                        bucket_mb=a.bucket_mb)
+            if alg == "auto":  # its choice per bucket, printed and kept in <out>/auto/collectives.json
+                plan_collectives(c.engine.wrapper, comms, calibration_s=a.calibration_s, device=ctx.device,
+                                 run_dir=Path(a.out) / "auto", rank=ctx.rank)
+            contenders[f"ringtrain[{alg}]"] = c
         peer = TorchDDP(copy.deepcopy(base), common.engine_slices(a, bucket_mb=a.bucket_mb), ctx.device)
         contenders[PEER] = common.Contender(peer, batch)
         times = common.time_steps(contenders, a, ctx.device)

@@ -54,6 +54,15 @@ def names(allowed):
     return parse
 
 
+def tuning_file(text: str):
+    """argparse type: a tuning file (parallel/collectives/autotune.py), read and checked."""
+    from parallel.collectives import TuningTable
+    try:
+        return TuningTable.load(text, key="--tuning")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 SHAPE = {
     "attention": dict(default="softmax", help=f"attention kind ({' | '.join(ATTENTION_KINDS)})"),
     "d_model": dict(type=number(), default=128, help="residual width"),

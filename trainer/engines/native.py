@@ -15,6 +15,7 @@ from ..checkpoint import EngineState
 from ..config import LoopConfig, OptimConfig, ParallelConfig, PrecisionConfig
 from ..optim import adamw_factory, lr_at, set_lr
 from ..parallelize import parallelize
+from ..trace import NO_TRACE
 from . import NonFiniteLossError, StepResult
 
 log = logging.getLogger("ringtrain.train")
@@ -40,6 +41,7 @@ class NativeEngine:
         self.clip = optim.grad_clip if optim.grad_clip > 0 else math.inf
         self.on_nonfinite, self.report_overflow = loop.on_nonfinite, precision.report_overflow
         self.skipped_nonfinite = 0  # fp32 / bf16 steps skipped for a non-finite loss (checkpointed)
+        self.trace = NO_TRACE  # a StepTracer during trainer.trace_steps (set by the loop's Tracing)
 
     @property
     def skipped_steps(self) -> int:
@@ -59,14 +61,17 @@ class NativeEngine:
             # launches each unit's reduction as soon as the unit is complete
             last = micro == self.grad_accum - 1
             with (contextlib.nullcontext() if last else self.wrapper.no_sync()):
-                with self.policy.autocast(self.device):
+                with self.trace.span("forward", micro=micro), self.policy.autocast(self.device):
                     _, loss = self.wrapper(x, y)                 # mean cross-entropy over B*T, float32
-                self.wrapper.backward(loss * (scale / self.grad_accum))
+                with self.trace.span("backward", micro=micro):
+                    self.wrapper.backward(loss * (scale / self.grad_accum))
             loss_sum += loss.detach()
-        self.wrapper.finish_gradient_sync()                      # averaged over data-parallel ranks
+        with self.trace.span("gradient sync"):
+            self.wrapper.finish_gradient_sync()                  # averaged over data-parallel ranks
         # unscale, global norm (across shards under ZeRO), skip everywhere if any rank overflowed,
         # clip, step on the float32 masters, refresh / all-gather the parameters in compute
-        out = unscale_clip_step(self.wrapper, self.scaler, max_norm=self.clip, loss=loss_sum,
+        stepper = self.trace.methods(self.wrapper, clip_grad_norm_="clip", optimizer_step="optimizer")
+        out = unscale_clip_step(stepper, self.scaler, max_norm=self.clip, loss=loss_sum,
                                 report_overflow=self.report_overflow)
         if out.nonfinite and self.scaler is None:                # fp32 / bf16: no scale to lower
             self._nonfinite(step, out)
@@ -117,7 +122,7 @@ class NativeEngine:
 
     def describe(self) -> str:
         return (f"engine native, {self.parallel_name}, {self.precision_name} "
-                f"over {self.comms.dp.algorithm_for('all_reduce')}")
+                f"over {self.comms.dp.algorithm}")
 
     def close(self) -> None:
         pass

@@ -207,7 +207,7 @@ MUTANTS: list[Mutant] = [
            "engine=accelerate resumes the weights but not the optimizer state"),
     # -- topology-aware collectives --------------------------------------------------------
     Mutant("hier-skips-the-inter-node-level", "parallel/collectives/hier.py",
-           '    lookup("all_reduce", between)(lv.inter, piece, "sum" if op == "avg" else op, tuning)\n', "",
+           '        lookup("all_reduce", name)(lv.inter, piece, between_op, tuning)\n', "",
            ("tests/test_hier.py::test_hier_exact_on_every_layout_dtype_and_size[4]",),
            "hier all-reduce leaves out the all-reduce between nodes (each node sums only its own ranks)"),
     Mutant("hier-pieces-in-rank-order", "parallel/collectives/hier.py",

@@ -22,10 +22,20 @@ without a hierarchical form (all_to_all, broadcast) take the communicator's fall
 node, one rank per node, or a group whose nodes hold different numbers of its ranks there
 are no levels (`Transport.levels` is None) and each op is the flat ring.
 
+Pipelining across levels: a large buffer is cut into chunks of about `tuning.segment_bytes`
+(at most `MAX_CHUNKS`) and the levels work on different chunks at once: while chunk c
+crosses the slow link (the inter-node step, on a helper thread), the intra-node step of
+chunk c+1 runs on the calling thread, so the slow link is idle only for the first and the
+last chunk's intra-node steps. Both threads issue their collectives in one fixed order per
+level, the same on every rank, and each level is its own process group.
+
 Precision: as the ring's, one rounding per hop for half types (P-1 inside, N-1 between).
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Callable
 
 import torch
 
@@ -37,6 +47,8 @@ from .transport import CommStats, Transport
 
 SMALL_PIECE_BYTES = 64 << 10
 """Inter-node pieces below this go by recursive halving-doubling, larger ones by ring."""
+MAX_CHUNKS = 16
+"""Chunks of the cross-level pipeline at most (each costs a few messages of latency per level)."""
 
 
 class Levels:
@@ -60,19 +72,64 @@ class Levels:
         return [r for local in range(self.per_node) for r in self.layout.peers(local)]
 
 
-def _permuted_bounds(lv: Levels, b: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """(order, chunk bounds over the local indices, piece bounds inside this rank's chunk)."""
-    order = lv.order()
-    sizes = [b[r + 1] - b[r] for r in order]
-    n = lv.nodes
-    chunks = [0]
-    for local in range(lv.per_node):
-        chunks.append(chunks[-1] + sum(sizes[local * n:(local + 1) * n]))
-    mine = sizes[lv.intra.rank * n:(lv.intra.rank + 1) * n]
-    inner = [0]
-    for s in mine:
-        inner.append(inner[-1] + s)
-    return order, chunks, inner
+def chunk_count(nbytes: int, tuning) -> int:
+    """Chunks of the cross-level pipeline for a buffer of `nbytes` (1: no pipeline)."""
+    return max(1, min(MAX_CHUNKS, nbytes // max(tuning.segment_bytes, 1)))
+
+
+def pipeline(chunks: int, first: Callable[[int], None], second: Callable[[int], None],
+             third: Callable[[int], None] | None = None) -> None:
+    """Runs first(c), second(c), third(c) for every chunk, with second(c) on a helper thread
+    overlapping first(c+1) and third(c-1) on this one. first and third use one level, second
+    the other, so each level still sees its collectives one at a time in a fixed order:
+    first(0) first(1) third(0) first(2) third(1) ... on this thread, second(0) second(1) ...
+    on the helper. An error on either thread stops both and is raised here."""
+    if chunks == 1:
+        first(0)
+        second(0)
+        if third is not None:
+            third(0)
+        return
+    ready = [threading.Event() for _ in range(chunks)]
+    passed = [threading.Event() for _ in range(chunks)]
+    errors: list[BaseException] = []
+
+    def helper():
+        try:
+            for c in range(chunks):
+                ready[c].wait()
+                if errors:
+                    return
+                second(c)
+                passed[c].set()
+        except BaseException as e:  # noqa: BLE001  (re-raised on the calling thread)
+            errors.append(e)
+        finally:
+            for ev in passed:
+                ev.set()
+
+    worker = threading.Thread(target=helper, name="ringtrain-hier", daemon=True)
+    worker.start()
+    try:
+        first(0)
+        ready[0].set()
+        for c in range(chunks):
+            if c + 1 < chunks:
+                first(c + 1)
+                ready[c + 1].set()
+            passed[c].wait()
+            if errors:
+                raise errors[0]
+            if third is not None:
+                third(c)
+    except BaseException as e:
+        if not errors:
+            errors.append(e)
+        raise
+    finally:
+        for ev in ready:  # a helper still waiting for a chunk sees the error and stops
+            ev.set()
+        worker.join()
 
 
 @register("all_reduce", "hier")
@@ -81,12 +138,66 @@ def hier_all_reduce(tp: Transport, flat: torch.Tensor, op: str, tuning) -> None:
     if lv is None:
         return ring_all_reduce(tp, flat, op, tuning)
     lv.follow(tp)
-    bounds = split_bounds(flat.numel(), lv.per_node)
-    piece = ring_reduce_scatter_pieces(lv.intra, flat, bounds, op, tuning)  # (n/P,) summed over the node
-    between = "rhd" if piece.numel() * piece.element_size() < SMALL_PIECE_BYTES else "ring"
-    lookup("all_reduce", between)(lv.inter, piece, "sum" if op == "avg" else op, tuning)
-    ring_all_gather_pieces(lv.intra, flat, bounds, tuning)
+    cb = split_bounds(flat.numel(), chunk_count(flat.numel() * flat.element_size(), tuning))
+    chunk = lambda c: flat[cb[c]:cb[c + 1]]  # noqa: E731
+    bounds = [split_bounds(cb[c + 1] - cb[c], lv.per_node) for c in range(len(cb) - 1)]
+    pieces: dict[int, torch.Tensor] = {}
+    between_op = "sum" if op == "avg" else op
+
+    def inside_node(c):  # (n/P,) of chunk c, summed over the node
+        pieces[c] = ring_reduce_scatter_pieces(lv.intra, chunk(c), bounds[c], op, tuning)
+
+    def between_nodes(c):
+        piece = pieces.pop(c)
+        name = "rhd" if piece.numel() * piece.element_size() < SMALL_PIECE_BYTES else "ring"
+        lookup("all_reduce", name)(lv.inter, piece, between_op, tuning)
+
+    def gather_node(c):
+        ring_all_gather_pieces(lv.intra, chunk(c), bounds[c], tuning)
+
+    pipeline(len(cb) - 1, inside_node, between_nodes, gather_node)
     finish_(flat, op, tp.size)  # the same values on every rank, so the same rounding
+
+
+class _Permuted:
+    """Reduce-scatter / all-gather's working layout: every rank's output piece cut into K
+    sub-pieces; chunk c holds sub-piece c of every piece, grouped by local index then node
+    (`Levels.order`), so within a chunk local rank l's intra-node piece is the N sub-pieces
+    of its inter-node group."""
+
+    def __init__(self, lv: Levels, b: list[int], chunks: int):
+        self.order = lv.order()
+        n = lv.nodes
+        self.sub = {r: split_bounds(b[r + 1] - b[r], chunks) for r in self.order}
+        self.slices = []     # per chunk: (start, end) in the group-rank layout, in working order
+        self.chunk_at = [0]  # chunk c is work[chunk_at[c]:chunk_at[c + 1]]
+        self.intra = []      # per chunk: bounds of the local indices' pieces within the chunk
+        self.inner = []      # per chunk: bounds of this rank's inter-node group's sub-pieces in its intra piece
+        me = lv.intra.rank
+        for c in range(chunks):
+            sizes = [self.sub[r][c + 1] - self.sub[r][c] for r in self.order]
+            self.slices.append([(b[r] + self.sub[r][c], b[r] + self.sub[r][c + 1]) for r in self.order])
+            self.chunk_at.append(self.chunk_at[-1] + sum(sizes))
+            intra = [0]
+            for local in range(lv.per_node):
+                intra.append(intra[-1] + sum(sizes[local * n:(local + 1) * n]))
+            self.intra.append(intra)
+            inner = [0]
+            for s in sizes[me * n:(me + 1) * n]:
+                inner.append(inner[-1] + s)
+            self.inner.append(inner)
+
+    def gather(self, full: torch.Tensor) -> torch.Tensor:
+        """The working copy of a group-rank-ordered buffer."""
+        return torch.cat([full[a:z] for per_chunk in self.slices for a, z in per_chunk])
+
+    def scatter(self, work: torch.Tensor, full: torch.Tensor) -> None:
+        """The working copy written back in group-rank order."""
+        at = 0
+        for per_chunk in self.slices:
+            for a, z in per_chunk:
+                full[a:z].copy_(work[at:at + z - a])
+                at += z - a
 
 
 @register("reduce_scatter", "hier")
@@ -98,10 +209,20 @@ def hier_reduce_scatter(tp: Transport, out: torch.Tensor, inp: torch.Tensor, op:
         finish_(out, op, tp.size)
         return
     lv.follow(tp)
-    order, chunks, inner = _permuted_bounds(lv, b)
-    perm = torch.cat([inp[b[r]:b[r + 1]] for r in order])  # a copy: the input is only read
-    chunk = ring_reduce_scatter_pieces(lv.intra, perm, chunks, op, tuning)  # summed over the node
-    ring_reduce_scatter_pieces(lv.inter, chunk, inner, op, tuning, out=out)  # ... and over the nodes
+    perm = _Permuted(lv, b, chunk_count(inp.numel() * inp.element_size(), tuning))
+    work = perm.gather(inp)  # a copy: the input is only read
+    mine = perm.sub[tp.rank]
+    pieces: dict[int, torch.Tensor] = {}
+
+    def inside_node(c):  # this local index's sub-pieces of chunk c, summed over the node
+        chunk = work[perm.chunk_at[c]:perm.chunk_at[c + 1]]
+        pieces[c] = ring_reduce_scatter_pieces(lv.intra, chunk, perm.intra[c], op, tuning)
+
+    def between_nodes(c):  # ... and over the nodes, into this rank's sub-piece c of the output
+        ring_reduce_scatter_pieces(lv.inter, pieces.pop(c), perm.inner[c], op, tuning,
+                                   out=out[mine[c]:mine[c + 1]])
+
+    pipeline(len(perm.slices), inside_node, between_nodes)
     finish_(out, op, tp.size)
 
 
@@ -114,14 +235,21 @@ def hier_all_gather(tp: Transport, out: torch.Tensor, inp: torch.Tensor, tuning)
         ring_all_gather_pieces(tp, out, b, tuning)
         return
     lv.follow(tp)
-    order, chunks, inner = _permuted_bounds(lv, b)
-    perm = out.new_empty(out.numel())
-    chunk = perm[chunks[lv.intra.rank]:chunks[lv.intra.rank + 1]]
-    chunk[inner[lv.inter.rank]:inner[lv.inter.rank + 1]].copy_(inp)
-    ring_all_gather_pieces(lv.inter, chunk, inner, tuning)  # the pieces of this local index
-    ring_all_gather_pieces(lv.intra, perm, chunks, tuning)  # every local index's
-    at = 0
-    for r in order:
-        size = b[r + 1] - b[r]
-        out[b[r]:b[r + 1]].copy_(perm[at:at + size])
-        at += size
+    perm = _Permuted(lv, b, chunk_count(out.numel() * out.element_size(), tuning))
+    work = out.new_empty(out.numel())
+    mine, me, node = perm.sub[tp.rank], lv.intra.rank, lv.inter.rank
+
+    def local_piece(c):
+        chunk = work[perm.chunk_at[c]:perm.chunk_at[c + 1]]
+        return chunk[perm.intra[c][me]:perm.intra[c][me + 1]]
+
+    def between_nodes(c):  # the sub-pieces c of this local index's ranks on every node
+        piece = local_piece(c)
+        piece[perm.inner[c][node]:perm.inner[c][node + 1]].copy_(inp[mine[c]:mine[c + 1]])
+        ring_all_gather_pieces(lv.inter, piece, perm.inner[c], tuning)
+
+    def inside_node(c):  # ... and of every local index
+        ring_all_gather_pieces(lv.intra, work[perm.chunk_at[c]:perm.chunk_at[c + 1]], perm.intra[c], tuning)
+
+    pipeline(len(perm.slices), between_nodes, inside_node)
+    perm.scatter(work, out)

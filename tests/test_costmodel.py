@@ -1,4 +1,4 @@
-"""The alpha-beta-gamma cost model (parallel/bench/costmodel.py): features against hand-worked
+"""The alpha-beta-gamma cost model (parallel/bench/costmodel/): features against hand-worked
 schedules, the fit on synthetic measurements, refusals, the CLI and the paper table. No
 process groups: everything here is arithmetic on numbers."""
 

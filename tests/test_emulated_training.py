@@ -53,12 +53,17 @@ def one_rank(tmp_path_factory):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["hier", "auto"])
-def test_training_on_an_emulated_2x2_cluster_follows_one_rank(tmp_path, one_rank, algorithm):
-    # rank r of 4 takes windows r, r+4, ...: four batches of 2 are the one rank's batch of 8
-    _ok(emulate(2, 2, "2gbit", TRAIN + ["trainer.micro_batch_size=2", f"parallel.algorithm={algorithm}",
-                                         f"hydra.run.dir={tmp_path}"], timeout=400, cwd=ROOT))
-    four = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("algorithm, parallel", [("hier", "ddp"), ("auto", "ddp"), ("hier", "zero2")])
+def test_training_on_an_emulated_2x2_cluster_follows_one_rank(tmp_path, one_rank, algorithm, parallel):
+    # rank r of 4 takes windows r, r+4, ...: four batches of 2 are the one rank's batch of 8;
+    # zero2 reduce-scatters and all-gathers hierarchically
+    _ok(emulate(2, 2, "2gbit", TRAIN + ["trainer.micro_batch_size=2", f"parallel={parallel}",
+                                         f"parallel.algorithm={algorithm}", f"hydra.run.dir={tmp_path}"],
+                timeout=400, cwd=ROOT))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    four = [r["loss"] for r in records]
+    # hier: only each rank's piece leaves the node, a quarter of what it sends in all
+    assert all(0 < r["inter_node_bytes_per_step"] < r["comm_bytes_per_step"] for r in records)
     assert len(four) == len(one_rank) == 10
     rel = max(abs(a - b) / abs(b) for a, b in zip(four, one_rank))
     assert rel <= 1e-5, (rel, four, one_rank)
@@ -66,3 +71,5 @@ def test_training_on_an_emulated_2x2_cluster_follows_one_rank(tmp_path, one_rank
     assert record["layout"] == "2 nodes x 2 ranks"
     algos = {b["algorithm"] for b in record["buckets"]}
     assert algos == {"hier"} if algorithm == "hier" else algos <= {"ring", "rhd", "tree", "native", "hier"}
+    ops = {b["op"] for b in record["buckets"]}
+    assert ops == ({"all_reduce"} if parallel == "ddp" else {"reduce_scatter", "all_gather"})

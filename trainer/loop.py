@@ -96,10 +96,11 @@ class Metrics(Component):
         self._window = torch.zeros((), device=info.device)
         self._reset()
 
-    def _counters(self) -> tuple[float, float, float, float]:
+    def _counters(self) -> tuple[float, float, float, float, float]:
         stats, a2a = self.engine.comm_stats(), self.ep_comm.stats if self.ep_comm is not None else None
         return (stats.bytes_sent if stats else 0.0, stats.wait_s if stats else 0.0,
-                a2a.bytes_sent if a2a else 0.0, a2a.wait_s if a2a else 0.0)
+                a2a.bytes_sent if a2a else 0.0, a2a.wait_s if a2a else 0.0,
+                stats.inter_node_bytes if stats else 0.0)
 
     def _reset(self) -> None:
         self._window.zero_()
@@ -141,11 +142,19 @@ class Metrics(Component):
                     if peak else None),
             "comm_bytes_per_step": (now[0] - before[0]) / self._steps if seen else None,
             "comm_wait_s_per_step": (now[1] - before[1]) / self._steps if seen else None,
+            **self._inter_node(now, before, seen),
             **{f"mem_{k}_bytes": v for k, v in self.engine.model_state_bytes().items()},
             "peak_mem_mb": peak_memory_mb(self.info.device),
             **self.engine.metrics(),
             **self._moe(now, before),
         }
+
+    def _inter_node(self, now, before, seen: bool) -> dict:
+        """Bytes per step sent to other nodes, when the data-parallel group spans several."""
+        comms = getattr(self.engine, "comms", None)
+        if not seen or comms is None or comms.dp.layout.nodes == 1:
+            return {}
+        return {"inter_node_bytes_per_step": (now[4] - before[4]) / self._steps}
 
     def _moe(self, now, before) -> dict:
         """MoE routing of the last micro-batch (mean over ranks) and the all-to-all traffic per step."""

@@ -29,11 +29,19 @@ from pathlib import Path
 
 import pytest
 
-from emulator import SCRIPT, emulate, emulator_available, namespaces, start
+from emulator import SCRIPT, emulate, emulator_available, namespaces, scrub_since, start
 
 REASON = emulator_available()
 if REASON is not None:
     pytest.skip(f"emulated cluster unavailable: {REASON}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_namespace_outlives_a_test():
+    """Whatever a test's runs leave (a failing test, a mutant of the cleanup) goes after it."""
+    before = set(namespaces())
+    yield
+    scrub_since(before)
 
 PROBE = Path(__file__).resolve().parent / "helpers" / "emulated_probe.py"
 TIMEOUT_S = 180  # per launch; a healthy one takes 5-20 s

@@ -12,11 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from emulator import emulate, emulator_available
+from emulator import emulate, emulator_available, namespaces, scrub_since
 
 ROOT = Path(__file__).resolve().parents[1]
 REASON = emulator_available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"emulated cluster unavailable: {REASON}")
+
+
+@pytest.fixture(autouse=True)
+def _no_namespace_outlives_a_test():
+    """Whatever a test's runs leave (a failing test, a mutant of the cleanup) goes after it."""
+    before = set(namespaces())
+    yield
+    scrub_since(before)
+
 
 BENCH = ["-m", "parallel.bench", "ops=[all_reduce,reduce_scatter,all_gather]", "algorithms=[ring,native,hier,auto]",
          "min_bytes=8", "max_bytes=1M", "iters=2", "warmup=1", "progress=false", "plot=false", "calibration_s=2"]

@@ -163,3 +163,10 @@ def emulate(nnodes: int, nproc: int, rate: str, args: list[str], *, timeout: flo
     """Runs launch/emulate_cluster.sh (nnodes x nproc ranks, links at `rate`, `args` after
     `--`; `options` before it, e.g. ["--inspect"]) and returns its CompletedProcess."""
     return EmulatedRun(nnodes, nproc, rate, args, options=options, env=env, cwd=cwd).wait(timeout)
+
+
+def scrub_since(before: set[str]) -> list[str]:
+    """Removes the run namespaces (rt<pid>-*) that appeared since `before` was taken, with
+    their processes: a test that failed because a run left them must not leave them too."""
+    prefixes = {ns.rsplit("-", 1)[0] for ns in namespaces() if ns not in before and re.match(r"rt\d+-", ns)}
+    return [ns for prefix in sorted(prefixes) for ns in scrub(prefix)]

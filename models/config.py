@@ -46,6 +46,17 @@ class AttentionConfig:
     """RoPE base theta."""
     eps: float = 1e-6
     """Denominator epsilon of linear/performer attention; RMS epsilon of TransNormer's norm."""
+    diag_layers: int = -1
+    """TransNormer: the lowest N blocks use DiagAttention (block softmax), the others NormAttention;
+    -1 = the paper's split, the lower half (model.n_layers // 2); 0 = NormAttention everywhere."""
+    block_size: int = 64
+    """TransNormer's DiagAttention: tokens per non-overlapping attention block."""
+
+    def diag_layer_count(self, n_layers: int) -> int:
+        """How many of n_layers blocks use DiagAttention (transnormer only)."""
+        if self.kind != "transnormer":
+            return 0
+        return n_layers // 2 if self.diag_layers == -1 else min(self.diag_layers, n_layers)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -57,6 +68,9 @@ class AttentionConfig:
         _require(self.expansion >= 1, "attention.expansion", "be >= 1", self.expansion)
         _require(self.rope_theta > 0, "attention.rope_theta", "be > 0", self.rope_theta)
         _require(self.eps > 0, "attention.eps", "be > 0", self.eps)
+        _require(self.diag_layers >= -1, "attention.diag_layers", "be >= 0, or -1 (the lower half)",
+                 self.diag_layers)
+        _require(self.block_size >= 1, "attention.block_size", "be >= 1", self.block_size)
         if self.kind == "gau" and self.rope:
             # RoPE rotates pairs of channels, and GAU applies it to the s-dim Q and K.
             _require(self.shared_dim % 2 == 0, "attention.shared_dim", "be even when attention.rope is true",

@@ -35,7 +35,7 @@ class DecoderBlock(nn.Module):
         d = model_cfg.d_model
         self.attn_norm = RMSNorm(d, model_cfg.norm_eps)
         self.attn = build_attention(attn_cfg, d_model=d, n_heads=model_cfg.n_heads, seq_len=model_cfg.seq_len,
-                                    layer_idx=layer_idx)
+                                    layer_idx=layer_idx, n_layers=model_cfg.n_layers)
         if getattr(self.attn, "replaces_mlp", False):
             self.mlp_norm, self.mlp = None, None
         else:

@@ -255,6 +255,10 @@ MUTANTS: list[Mutant] = [
            '    shape "$switch" "v$i"\n', "",
            ("tests/test_emulated_cluster.py::test_two_nodes_of_two_ranks",),
            "the emulated cluster shapes only the node -> switch direction of each link"),
+    Mutant("diag-attention-sees-across-blocks", "models/attention/transnormer.py",
+           "        blk = min(self.block_size, T)\n", "        blk = T\n",
+           ("tests/test_attention.py::test_diag_attention_equals_the_naive_masked_form",),
+           "TransNormer's DiagAttention attends over the whole sequence instead of its block"),
 ]
 
 

@@ -355,3 +355,47 @@ def test_performer_key_stabiliser_is_causal_running_max():
     _, c_big = key_features(bigger, w)
     assert torch.equal(c[..., :6], c_big[..., :6])
     assert (c[..., 1:] >= c[..., :-1]).all()
+
+
+# ----------------------------------------------------------------------------- TransNormer's DiagAttention
+
+def _naive_block_softmax(q, k, v, block):
+    """softmax(q k^T / sqrt(D) + mask) v with the block-diagonal causal mask written out in full."""
+    T = q.shape[-2]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & (i // block == j // block)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 16])
+@pytest.mark.parametrize("rope", [True, False])
+def test_diag_attention_equals_the_naive_masked_form(block, rope):
+    from models.attention import DiagAttention
+    from models.attention.heads import merge_heads
+    torch.manual_seed(0)
+    module = DiagAttention(D_MODEL, 2, block_size=block, rope=rope).double()
+    for T in [1, 3, 4, 8, 13]:
+        x = randn(2, T, D_MODEL)
+        q, k, v = module.project_qkv(x)
+        want = module.out_proj(merge_heads(_naive_block_softmax(q, k, v, block)))
+        assert_close(module(x), want, atol=1e-12, rtol=1e-10)
+    x = randn(1, 7, D_MODEL).requires_grad_(True)
+    assert torch.autograd.gradcheck(module, (x,), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_transnormer_puts_diag_attention_in_the_lower_layers():
+    from models.attention import DiagAttention, NormAttention
+    from models.config import AttentionConfig, ModelConfig
+    from models.transformer import DecoderLM
+    kinds = lambda **kw: [type(b.attn) for b in DecoderLM(  # noqa: E731
+        ModelConfig(vocab_size=32, seq_len=16, d_model=16, n_layers=4, n_heads=2),
+        AttentionConfig(kind="transnormer", **kw)).blocks]
+    assert kinds() == [DiagAttention] * 2 + [NormAttention] * 2       # the paper's split: the lower half
+    assert kinds(diag_layers=0) == [NormAttention] * 4
+    assert kinds(diag_layers=3) == [DiagAttention] * 3 + [NormAttention]
+    assert kinds(diag_layers=9) == [DiagAttention] * 4
+    with pytest.raises(ValueError, match="attention.block_size"):
+        AttentionConfig(kind="transnormer", block_size=0).validate()
+    with pytest.raises(ValueError, match="attention.diag_layers"):
+        AttentionConfig(kind="transnormer", diag_layers=-2).validate()

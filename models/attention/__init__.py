@@ -15,20 +15,22 @@ from .gau import GatedAttentionUnit, gau_mixing, gau_mixing_reference
 from .linear import LinearAttention
 from .performer import PerformerAttention
 from .softmax import SoftmaxAttention
-from .transnormer import NormAttention
+from .transnormer import DiagAttention, NormAttention
 
 __all__ = [
     "ATTENTION_KINDS", "build_attention", "SoftmaxAttention", "LinearAttention", "PerformerAttention",
-    "GatedAttentionUnit", "NormAttention", "causal_linear_attention", "causal_linear_attention_reference",
+    "GatedAttentionUnit", "NormAttention", "DiagAttention", "causal_linear_attention", "causal_linear_attention_reference",
     "gau_mixing", "gau_mixing_reference",
 ]
 
 
-def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int) -> nn.Module:
+def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, seq_len: int, layer_idx: int,
+                    n_layers: int | None = None) -> nn.Module:
     """The mixing layer `cfg.kind` for one decoder block.
 
     seq_len is the model's maximum context: checked here, used by none of the current
-    variants' parameters. layer_idx seeds Performer's per-layer random features.
+    variants' parameters. layer_idx seeds Performer's per-layer random features and, with
+    n_layers (the model's depth), picks TransNormer's DiagAttention for the lower blocks.
     """
     cfg.validate()
     if seq_len < 1:
@@ -48,5 +50,7 @@ def build_attention(cfg: AttentionConfig, *, d_model: int, n_heads: int, seq_len
         return GatedAttentionUnit(d_model, shared_dim=cfg.shared_dim, expansion=cfg.expansion,
                                   chunk_size=cfg.chunk_size, **rope)
     if cfg.kind == "transnormer":
+        if layer_idx < cfg.diag_layer_count(n_layers if n_layers is not None else layer_idx + 1):
+            return DiagAttention(d_model, n_heads, block_size=cfg.block_size, **rope)
         return NormAttention(d_model, n_heads, chunk_size=cfg.chunk_size, eps=cfg.eps, **rope)
     raise AssertionError(f"unhandled attention.kind {cfg.kind!r}")  # validate() admits only ATTENTION_KINDS

@@ -1,9 +1,13 @@
-"""TransNormer's NormAttention (Qin et al. 2022): linear attention with a norm instead of a denominator."""
+"""TransNormer (Qin et al. 2022, "The Devil in Linear Transformer"): DiagAttention in the lower
+layers (softmax inside non-overlapping blocks: those layers attend locally, against the attention
+dilution of linear attention) and NormAttention above (linear attention with a norm instead of a
+denominator). `build_attention` picks per layer from attention.diag_layers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..norm import rms_normalize
 from .causal_linear import causal_linear_attention, chunked_linear_attention_flops
@@ -40,3 +44,37 @@ class NormAttention(MultiHeadAttentionBase):
         """Forward FLOPs per token of the chunk-wise mixing, all heads (no denominator)."""
         return self.n_heads * chunked_linear_attention_flops(seq_len, self.chunk_size, self.head_dim,
                                                              self.head_dim, normalize=False)
+
+
+class DiagAttention(MultiHeadAttentionBase):
+    """Causal softmax attention inside non-overlapping blocks of `block_size` tokens.
+
+    Query i in block b = i // block_size sees keys b * block_size .. i only: the attention
+    matrix is block-diagonal, each block causal (top-left aligned). A ragged last block is
+    padded at its end, which no real query can see (the pads come after it), then cut off.
+    O(T * block_size) time and memory. RoPE rotates q and k with their global positions.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, block_size: int = 64, rope: bool = True,
+                 rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, rope=rope, rope_theta=rope_theta)
+        if block_size < 1:
+            raise ValueError(f"attention.block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        q, k, v = self.project_qkv(x)  # (B, H, T, D) each
+        B, H, T, D = q.shape
+        blk = min(self.block_size, T)
+        pad = -T % blk
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        n = (T + pad) // blk
+        q, k, v = (t.reshape(B, H, n, blk, D) for t in (q, k, v))  # (B, H, nblocks, blk, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # per block
+        out = out.reshape(B, H, n * blk, D)[:, :, :T]  # (B, H, T, D)
+        return self.out_proj(merge_heads(out))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of q k^T and A v inside a block: 2 * 2 * blk * D per head."""
+        return 4.0 * self.n_heads * self.head_dim * min(self.block_size, seq_len)

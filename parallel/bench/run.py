@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..collectives import AUTO, Communicator, Tuning, TuningTable, available, calibrate, discover_layout
-from ..collectives.nodes import build_level_groups
+from ..collectives import AUTO, Communicator, Tuning, TuningTable, available, calibrate
+from ..mesh import MeshShape, Topology
 from ..process_group import init_distributed, shutdown
 from . import report
 from .config import BenchPlan, make_plan
@@ -47,10 +47,11 @@ def run_bench(cfg, out_dir: str | Path) -> list[report.Row]:
         shutdown()
 
 
-def _communicators(plan: BenchPlan, ctx, layout, notes: list[str]) -> dict[str, Communicator]:
-    """One communicator per algorithm (collective: hier and auto get their node levels)."""
+def _communicators(plan: BenchPlan, ctx, mesh: Topology, notes: list[str]) -> dict[str, Communicator]:
+    """One communicator per algorithm over every rank, from the mesh (collective: hier and auto
+    get their node levels there)."""
     tuning = Tuning(segment_bytes=plan.segment_bytes, window=plan.window)
-    world = list(range(ctx.world_size))
+    layout = mesh.layout
     comms = {}
     for a in plan.algorithms:
         if a == "hier" and not layout.uniform:
@@ -58,8 +59,7 @@ def _communicators(plan: BenchPlan, ctx, layout, notes: list[str]) -> dict[str, 
             continue
         if a == "hier" and plan.mode == "tune" and not layout.hierarchical:
             continue  # one node (or one rank per node): hier is the ring
-        levels = build_level_groups([world], layout).get(tuple(world)) if a in ("hier", AUTO) else None
-        comms[a] = Communicator(algorithm=a, tuning=tuning, layout=layout if layout.uniform else None, levels=levels)
+        comms[a] = mesh.communicators(algorithm=a, tuning=tuning).dp
     auto = comms.get(AUTO)
     if auto is not None:
         table = plan.tuning
@@ -78,9 +78,10 @@ def _communicators(plan: BenchPlan, ctx, layout, notes: list[str]) -> dict[str, 
 
 def _sweep(plan: BenchPlan, ctx, out_dir: Path, progress: bool, plot: bool) -> list[report.Row]:
     world, main = ctx.world_size, ctx.is_main
-    layout = discover_layout()
+    mesh = Topology.build(MeshShape(world), ctx.device.type)  # finds the nodes
+    layout = mesh.layout
     notes: list[str] = []
-    comms = _communicators(plan, ctx, layout, notes)
+    comms = _communicators(plan, ctx, mesh, notes)
     elem = torch.empty(0, dtype=plan.dtype).element_size()
     pairs = [(op, a) for op in plan.ops for a in comms if a in available(op) or a == AUTO]
     skipped = [(op, a) for op in plan.ops for a in comms if a not in available(op) and a != AUTO]

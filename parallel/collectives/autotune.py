@@ -68,14 +68,19 @@ class TuningTable:
     @classmethod
     def load(cls, path: str | os.PathLike, key: str = "parallel.tuning") -> "TuningTable":
         """Reads and checks a tuning file; anything wrong is a ValueError naming `key` and the path."""
-        def bad(why):
-            return ValueError(f"{key}={path}: {why}")
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise bad("no such file") from None
+            raise ValueError(f"{key}={path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"not a readable JSON tuning file ({e})") from None
+            raise ValueError(f"{key}={path}: not a readable JSON tuning file ({e})") from None
+        return cls.from_json(raw, source=str(path), where=f"{key}={path}")
+
+    @classmethod
+    def from_json(cls, raw, *, source: str, where: str) -> "TuningTable":
+        """The table a tuning file's JSON describes, checked; errors are ValueErrors starting with `where`."""
+        def bad(why):
+            return ValueError(f"{where}: {why}")
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise bad(f"not a ringtrain tuning file (format must be {FORMAT!r})")
         try:
@@ -93,13 +98,13 @@ class TuningTable:
                         raise bad(f"entry {i} has algorithm {a!r} with time {t!r}")
                 entries.append(Entry(op, dtype, size, secs))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, ValueError) and str(e).startswith(key):
+            if isinstance(e, ValueError) and str(e).startswith(where):
                 raise
             raise bad(f"damaged: {type(e).__name__}: {e}") from None
         if world < 1 or nodes < 1 or not entries:
             raise bad("damaged: no layout or no entries")
         return cls(world_size=world, nodes=nodes, ranks_per_node=rpn, backend=backend, entries=entries,
-                   source=str(path))
+                   source=source)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "world_size": self.world_size, "nodes": self.nodes,
@@ -156,13 +161,13 @@ class TuningTable:
 
 
 def calibration_sizes(max_bytes: int, min_bytes: int = 4 << 10) -> list[int]:
-    """Powers of four from min_bytes up to max_bytes, and max_bytes itself: largest first."""
+    """Powers of four from min_bytes up to max_bytes, and max_bytes itself, ascending."""
     sizes, s = [], min_bytes
     while s < max_bytes:
         sizes.append(s)
         s *= 4
     sizes.append(max(max_bytes, min_bytes))
-    return sorted(set(sizes), reverse=True)
+    return sorted(set(sizes))
 
 
 def calibrate(comm, ops: list[str], *, max_bytes: int, budget_s: float, dtype: torch.dtype,
@@ -181,7 +186,7 @@ def calibrate(comm, ops: list[str], *, max_bytes: int, budget_s: float, dtype: t
     spent, entries = 0.0, []
     comm.drain()
     started = time.perf_counter()
-    order = sorted(set(sizes)) if sizes else sorted(calibration_sizes(max_bytes))
+    order = sorted(set(sizes)) if sizes else calibration_sizes(max_bytes)
     order = order[-1:] + order[:-1]  # the largest matters most; then the cheap ones
     for size in order:
         for op in ops:
@@ -203,10 +208,7 @@ def calibrate(comm, ops: list[str], *, max_bytes: int, budget_s: float, dtype: t
                         source=f"calibration at start-up ({spent:.1f} s of {budget_s:g} s)")
     box = [table.to_json()]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    raw = box[0]
-    return TuningTable(world_size=raw["world_size"], nodes=raw["nodes"], ranks_per_node=raw["ranks_per_node"],
-                       backend=raw["backend"], source=raw["source"],
-                       entries=[Entry(e["op"], e["dtype"], e["size_bytes"], e["seconds"]) for e in raw["entries"]])
+    return TuningTable.from_json(box[0], source=box[0]["source"], where="calibration")
 
 
 def _time_one(comm, op: str, algorithm: str, count: int, dtype, device, iters: int = 2) -> float:

@@ -42,7 +42,9 @@ import torch
 from .nodes import LevelGroups, NodeLayout
 from .reduce_ops import finish_, split_bounds
 from .registry import lookup, register
-from .ring import ring_all_gather_pieces, ring_all_reduce, ring_reduce_scatter_pieces
+from .ring import (
+    ring_all_gather, ring_all_gather_pieces, ring_all_reduce, ring_reduce_scatter, ring_reduce_scatter_pieces,
+)
 from .transport import CommStats, Transport
 
 SMALL_PIECE_BYTES = 64 << 10
@@ -203,12 +205,10 @@ class _Permuted:
 @register("reduce_scatter", "hier")
 def hier_reduce_scatter(tp: Transport, out: torch.Tensor, inp: torch.Tensor, op: str, tuning) -> None:
     lv = tp.levels
-    b = split_bounds(inp.numel(), tp.size)
     if lv is None:
-        ring_reduce_scatter_pieces(tp, inp, b, op, tuning, out=out)
-        finish_(out, op, tp.size)
-        return
+        return ring_reduce_scatter(tp, out, inp, op, tuning)
     lv.follow(tp)
+    b = split_bounds(inp.numel(), tp.size)
     perm = _Permuted(lv, b, chunk_count(inp.numel() * inp.element_size(), tuning))
     work = perm.gather(inp)  # a copy: the input is only read
     mine = perm.sub[tp.rank]
@@ -229,12 +229,10 @@ def hier_reduce_scatter(tp: Transport, out: torch.Tensor, inp: torch.Tensor, op:
 @register("all_gather", "hier")
 def hier_all_gather(tp: Transport, out: torch.Tensor, inp: torch.Tensor, tuning) -> None:
     lv = tp.levels
-    b = split_bounds(out.numel(), tp.size)
     if lv is None:
-        out[b[tp.rank]:b[tp.rank + 1]].copy_(inp)
-        ring_all_gather_pieces(tp, out, b, tuning)
-        return
+        return ring_all_gather(tp, out, inp, tuning)
     lv.follow(tp)
+    b = split_bounds(out.numel(), tp.size)
     perm = _Permuted(lv, b, chunk_count(out.numel() * out.element_size(), tuning))
     work = out.new_empty(out.numel())
     mine, me, node = perm.sub[tp.rank], lv.intra.rank, lv.inter.rank

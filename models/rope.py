@@ -61,8 +61,14 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = tables
         return tables
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., T, D) -> (..., T, D)
-        cos, sin = self.cos_sin(x.shape[-2], x.device)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., T, D) -> (..., T, D). positions (T,) int64: each token's place in its sequence
+        (context parallelism holds a sequence's tokens out of order); None = 0 .. T-1."""
+        if positions is None:
+            cos, sin = self.cos_sin(x.shape[-2], x.device)
+        else:
+            cos, sin = self.cos_sin(int(positions.max()) + 1, x.device)
+            cos, sin = cos[positions], sin[positions]
         return apply_rope(x, cos, sin)
 
     def extra_repr(self) -> str:

@@ -77,6 +77,9 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(d, V, bias=False)
         if model_cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.cp = None
+        """With context parallelism, an object handed in (parallel/context_parallel.py ContextShard)
+        that says which tokens of each sequence this rank holds and moves what attention needs."""
         self._init_weights()
 
     @torch.no_grad()
@@ -101,6 +104,11 @@ class DecoderLM(nn.Module):
         Targets equal to -100 are ignored (F.cross_entropy's ignore_index). With MoE layers the
         loss also holds their coefficient-weighted aux and z losses for this micro-batch
         (`moe_stats()` has them apart).
+
+        With context parallelism (`self.cp` set) idx and targets are still whole sequences; the
+        model keeps this rank's tokens (logits (B, T/K, V)) and the loss is the mean over them,
+        which averaged over the cp ranks is the whole sequence's mean (equal token counts; with
+        ignored targets the ranks' counts may differ and that average weights them equally).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
@@ -108,9 +116,14 @@ class DecoderLM(nn.Module):
         if not 1 <= T <= self.model_cfg.seq_len:
             raise ValueError(f"idx has sequence length {T}; it must be between 1 and model.seq_len="
                              f"{self.model_cfg.seq_len}")
+        positions = torch.arange(T, device=idx.device)
+        if self.cp is not None:  # this rank's tokens, with their places in the whole sequence
+            positions = self.cp.positions(T, idx.device)
+            idx = self.cp.local(idx)  # (B, T/K)
+            targets = self.cp.local(targets) if targets is not None else None
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
         for block in self.blocks:
             x = block(x)

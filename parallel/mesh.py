@@ -1,16 +1,21 @@
 """The job's layout: one device mesh with named dimensions, and the process groups it hands out.
 
-Ranks form a mesh laid out row-major over the dimensions ("dp_outer", "ep"), the last
-varying fastest: an expert-parallel group is `ep` consecutive ranks (on one node when ep
-divides the ranks per node, so all-to-all stays on the fast links). Context parallelism
-will add a "cp" dimension after "ep" and nodes a dimension of their own; callers ask for
-groups by name (`Topology.group`), so neither reshapes them.
+Ranks form a mesh laid out row-major over the dimensions ("dp_outer", "ep", "cp"), the last
+varying fastest: a context-parallel group is `cp` consecutive ranks and an expert-parallel
+group `ep` consecutive ranks (each on one node when it divides the ranks per node, so the
+ring attention's blocks and the all-to-all stay on the fast links). Callers ask for groups
+by name (`Topology.group`), so a new dimension reshapes none of them.
 
 Named groups:
 
     dp          every rank: dense parameters are replicated over it and their gradients averaged
+                (data parallelism proper times cp: parameters are replicated over cp too)
+    cp          the ranks that split each sequence between them (only with cp > 1)
     ep          the ranks that share one set of experts between them (each holds a slice)
     expert_dp   the ranks that hold the same expert slice (one per position in an ep group)
+
+The data: the ranks of one cp group read the same sequences, so the sampler's rank and size
+are `data_rank` and `data_size` (world / cp), not the global ones.
 
 Nodes: the Topology also knows which ranks share a node (`layout`, found by exchanging
 node identities once, see collectives/nodes.py). Communicators for `hier` and `auto` get,
@@ -39,17 +44,22 @@ class MeshShape:
 
     world_size: int
     ep: int = 1
+    cp: int = 1
 
     def validate(self) -> None:
-        """Raises ValueError naming `parallel.ep_size` when the mesh cannot be built."""
-        if self.ep < 1:
-            raise ValueError(f"parallel.ep_size must be >= 1, got {self.ep}")
-        if self.world_size % self.ep:
-            raise ValueError(f"parallel.ep_size={self.ep} must divide the world size {self.world_size}")
+        """Raises ValueError naming `parallel.ep_size` / `parallel.cp_size` when the mesh cannot be built."""
+        for key, n in (("ep_size", self.ep), ("cp_size", self.cp)):
+            if n < 1:
+                raise ValueError(f"parallel.{key} must be >= 1, got {n}")
+            if self.world_size % n:
+                raise ValueError(f"parallel.{key}={n} must divide the world size {self.world_size}")
+        if self.ep > 1 and self.cp > 1:
+            raise ValueError(f"parallel.ep_size={self.ep} with parallel.cp_size={self.cp}: expert and context "
+                             "parallelism do not compose yet")
 
     @property
     def dims(self) -> dict[str, int]:
-        return {"dp_outer": self.world_size // self.ep, "ep": self.ep}
+        return {"dp_outer": self.world_size // (self.ep * self.cp), "ep": self.ep, "cp": self.cp}
 
 
 class Topology:
@@ -73,7 +83,8 @@ class Topology:
         dims = shape.dims
         mesh = init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
         groups = {"dp": dist.group.WORLD}
-        for name, dim in (("ep", "ep"), ("expert_dp", "dp_outer")):
+        named = [("ep", "ep"), ("expert_dp", "dp_outer")] + ([("cp", "cp")] if shape.cp > 1 else [])
+        for name, dim in named:
             g = mesh.get_group(dim)
             if g is dist.group.WORLD:
                 # DeviceMesh hands back the default group for a dimension spanning every rank, but
@@ -101,15 +112,28 @@ class Topology:
     def rank_in(self, name: str) -> int:
         return dist.get_rank(self.group(name))
 
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the data-parallel replicas: the ranks of one cp group share it."""
+        return self.rank // self.shape.cp
+
+    @property
+    def data_size(self) -> int:
+        """Data-parallel replicas that read different sequences: world / cp."""
+        return self.world_size // self.shape.cp
+
     def instances(self, name: str) -> list[list[int]]:
         """The global ranks of every group called `name` (this rank's and the others')."""
-        grid = self.mesh.mesh.reshape(self.shape.dims["dp_outer"], self.shape.ep)
+        d = self.shape.dims
+        grid = self.mesh.mesh.reshape(d["dp_outer"], d["ep"], d["cp"])  # (dp_outer, ep, cp)
         if name == "dp":
             return [list(range(self.world_size))]
+        if name == "cp" and name in self._groups:
+            return [grid[i, j].tolist() for i in range(d["dp_outer"]) for j in range(d["ep"])]
         if name == "ep":
-            return [row.tolist() for row in grid]
+            return [grid[i, :, k].tolist() for i in range(d["dp_outer"]) for k in range(d["cp"])]
         if name == "expert_dp":
-            return [col.tolist() for col in grid.t()]
+            return [grid[:, j, k].tolist() for j in range(d["ep"]) for k in range(d["cp"])]
         raise ValueError(f"no group named {name!r}; groups: {', '.join(self._groups)}")
 
     def layout_of(self, name: str) -> NodeLayout:
@@ -126,7 +150,7 @@ class Topology:
         if algorithm == "hier" and not self.layout.uniform:
             raise ValueError(f"parallel.algorithm=hier needs the same number of ranks on every node; "
                              f"this job: {self.layout.describe()} (use a flat algorithm or auto)")
-        names = ["dp"] if self.shape.ep == 1 else ["dp", "ep", "expert_dp"]
+        names = ["dp"] + (["cp"] if self.shape.cp > 1 else []) + (["ep", "expert_dp"] if self.shape.ep > 1 else [])
         backend = str(dist.get_backend())
 
         def make(name):
@@ -150,6 +174,8 @@ class Comms:
 
     dp: Communicator
     """Dense gradients and parameters: every rank."""
+    cp: Communicator | None = None
+    """Context parallelism's traffic: ring attention's K/V blocks, the linear kinds' states (cp > 1)."""
     ep: Communicator | None = None
     """Expert parallelism's token all-to-all, and gathering the expert slices for a full state_dict."""
     expert_dp: Communicator | None = None
@@ -160,7 +186,7 @@ class Comms:
         return self.expert_dp is not None
 
     def all(self) -> list[Communicator]:
-        return [c for c in (self.dp, self.ep, self.expert_dp) if c is not None]
+        return [c for c in (self.dp, self.cp, self.ep, self.expert_dp) if c is not None]
 
     def close(self) -> None:
         for c in self.all():

@@ -34,6 +34,26 @@ def test_ep_size_one_keeps_experts_dense(pools):
         assert r["communicators"] == ["dp"]
 
 
+def test_cp_groups_are_consecutive_ranks_and_share_the_data(pools):
+    # dp 2 x cp 2: ranks 0, 1 split one replica's sequences, 2, 3 the other's; gradients still
+    # average over all four (parameters are replicated over cp)
+    for rank, r in enumerate(pools(4).run("dist_cases:topology_groups", ep_size=1, cp_size=2)):
+        assert r["cp"] == ([0, 1] if rank < 2 else [2, 3]) and r["cp_sum"] == sum(r["cp"])
+        assert r["dp"] == [0, 1, 2, 3] and r["sizes"]["cp"] == 2
+        assert r["data"] == (rank // 2, 2)
+        assert r["instances"]["cp"] == [[0, 1], [2, 3]]
+        assert r["communicators"] == ["cp", "dp"] and r["distinct_groups"]
+    for r in pools(2).run("dist_cases:topology_groups", ep_size=1, cp_size=2):  # cp over the whole world
+        assert r["cp"] == r["dp"] == [0, 1] and r["data"] == (0, 1) and r["distinct_groups"]
+
+
+@pytest.mark.parametrize("world, cp, ep, key", [(4, 3, 1, "parallel.cp_size"), (4, 0, 1, "parallel.cp_size"),
+                                                (4, 2, 2, "parallel.ep_size=2 with parallel.cp_size=2")])
+def test_bad_cp_size_names_the_key(world, cp, ep, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        MeshShape(world, ep=ep, cp=cp).validate()
+
+
 @pytest.mark.parametrize("world, ep", [(4, 3), (4, 0), (2, -1)])
 def test_bad_ep_size_names_the_key(world, ep):
     with pytest.raises(ValueError, match="parallel.ep_size"):

@@ -21,6 +21,13 @@ def test_odd_world_and_other_algorithms(pools, stage):
                  attention="linear")
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_activation_checkpointing_composes_with_zero(pools, stage):
+    # ZeRO-3 gathers a block's parameters in its forward and backward pre-hooks and frees them after
+    # forward: the recomputation inside backward must find them gathered and must not free them
+    pools(2).run("zero_cases:zero_matches_single_process", stage=stage, activation_checkpointing="full")
+
+
 @pytest.fixture(scope="module")
 def memory(pools):
     """DDP and ZeRO 1-3 on 4 ranks, 2 steps each, in one pool call."""

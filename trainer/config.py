@@ -44,6 +44,11 @@ class ParallelConfig:
     """Average parameters that got no gradient as zeros instead of stopping with an error."""
     ep_size: int = 1
     """Expert-parallel group size (ranks that share one set of experts)."""
+    cp_size: int = 1
+    """Context-parallel group size: each sequence is split over this many consecutive ranks."""
+    cp_softmax: Literal["ring", "allgather"] = "ring"
+    """Softmax attention under context parallelism: ring (K/V blocks travel around the cp ring, O(T/K)
+    memory) or allgather (every rank gathers the whole sequence's K/V once, O(T) memory; for comparison)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl with CUDA, else gloo."""
     segment_mb: float = 4.0
@@ -68,6 +73,7 @@ class ParallelConfig:
             from parallel.collectives import TuningTable
             TuningTable.load(self.tuning)  # a damaged file stops here, naming parallel.tuning
         require(self.ep_size >= 1, "parallel.ep_size", "be >= 1", self.ep_size)
+        require(self.cp_size >= 1, "parallel.cp_size", "be >= 1", self.cp_size)
         require(self.window >= 2, "parallel.window", "be >= 2", self.window)
 
 
@@ -198,6 +204,9 @@ class LoopConfig:
     """Show a progress bar on rank 0."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """fp32/bf16: a non-finite loss or gradient stops the run naming the step and rank(s), or skips that step."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: none; full (every decoder block);
+    selective (every other block, 0, 2, 4, ...: about half the saving for half the recomputation)."""
     trace_steps: list[int] = field(default_factory=list)
     """[first, last]: trace these optimizer steps (1-based, inclusive; steps past the end are not
     traced) into <run dir>/trace/: a Chrome trace per rank and a PNG of the last traced step
@@ -248,6 +257,20 @@ class TrainConfig:
             raise ValueError(f"parallel.ep_size={ep} needs MoE layers; model.moe.num_experts is {experts}")
         if experts % ep:
             raise ValueError(f"model.moe.num_experts={experts} must be divisible by parallel.ep_size={ep}")
+        cp = self.parallel.cp_size
+        if cp > 1:
+            if ep > 1:
+                raise ValueError(f"parallel.cp_size={cp} with parallel.ep_size={ep}: context and expert parallelism "
+                                 "do not compose yet; use one of them")
+            if experts > 0:
+                raise ValueError(f"parallel.cp_size={cp} with model.moe.num_experts={experts}: MoE routing capacity "
+                                 "and its load-balancing loss are computed per rank's tokens, so a split sequence "
+                                 "would route differently; use a dense model with context parallelism")
+            from parallel.context_parallel import check_context_parallel
+
+            a = self.attention
+            check_context_parallel(cp_size=cp, seq_len=self.model.seq_len, kind=a.kind, chunk_size=a.chunk_size,
+                                   block_size=a.block_size, diag_layers=a.diag_layer_count(self.model.n_layers))
         from .engines import check_config  # what the chosen engine cannot run, in its own module
 
         check_config(self, cuda=torch.cuda.is_available())
@@ -264,6 +287,8 @@ def check_launch(tc: TrainConfig, *, world_size: int, cuda: bool) -> None:
          "parallel.backend=nccl needs CUDA GPUs (trainer.device cuda or auto with a GPU visible); use gloo or auto"),
         (world_size % tc.parallel.ep_size != 0,
          f"parallel.ep_size={tc.parallel.ep_size} must divide the world size {world_size}"),
+        (world_size % tc.parallel.cp_size != 0,
+         f"parallel.cp_size={tc.parallel.cp_size} must divide the world size {world_size}"),
     ]
     for bad, message in problems:
         if bad:

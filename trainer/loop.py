@@ -47,10 +47,12 @@ class RunInfo:
     loop: LoopConfig
     seq_len: int
     device: torch.device
-    dp_rank: int
-    dp_size: int
+    dp_rank: int                   # among the data-parallel replicas (the ranks of a cp group share it)
+    dp_size: int                   # replicas reading different sequences: world / cp
     flops_per_token: float
     peak_flops: float | None       # per device; None: no MFU (CPU without trainer.peak_tflops)
+    rank: int = 0                  # global
+    world_size: int = 1            # devices: dp_size x cp
 
 
 class Validator:
@@ -87,20 +89,22 @@ class Metrics(Component):
     """Windowed step metrics; see the module docstring for when a record is written."""
 
     def __init__(self, engine: Engine, comm: Communicator, info: RunInfo, validate: Validator, *,
-                 ep_comm: Communicator | None = None, sinks: tuple = ()):
+                 ep_comm: Communicator | None = None, cp_comm: Communicator | None = None, sinks: tuple = ()):
         self.engine, self.comm, self.info, self.validate, self.sinks = engine, comm, info, validate, sinks
-        self.ep_comm = ep_comm
+        self.ep_comm, self.cp_comm = ep_comm, cp_comm
         t = info.loop
         self.tokens_per_step = t.micro_batch_size * info.seq_len * t.grad_accum * info.dp_size
         self.last: dict = {}
         self._window = torch.zeros((), device=info.device)
         self._reset()
 
-    def _counters(self) -> tuple[float, float, float, float, float]:
+    def _counters(self) -> tuple[float, ...]:
         stats, a2a = self.engine.comm_stats(), self.ep_comm.stats if self.ep_comm is not None else None
+        cp = self.cp_comm.stats if self.cp_comm is not None else None
         return (stats.bytes_sent if stats else 0.0, stats.wait_s if stats else 0.0,
                 a2a.bytes_sent if a2a else 0.0, a2a.wait_s if a2a else 0.0,
-                stats.inter_node_bytes if stats else 0.0)
+                stats.inter_node_bytes if stats else 0.0,
+                cp.bytes_sent if cp else 0.0, cp.wait_s if cp else 0.0)
 
     def _reset(self) -> None:
         self._window.zero_()
@@ -138,11 +142,12 @@ class Metrics(Component):
         return {
             "step": done, "loss": mean_loss.item(), "lr": result.lr, "grad_norm": float(result.grad_norm),
             "tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
-            "mfu": (self.info.flops_per_token * self.tokens_per_step / step_time / (peak * self.info.dp_size)
+            "mfu": (self.info.flops_per_token * self.tokens_per_step / step_time / (peak * self.info.world_size)
                     if peak else None),
             "comm_bytes_per_step": (now[0] - before[0]) / self._steps if seen else None,
             "comm_wait_s_per_step": (now[1] - before[1]) / self._steps if seen else None,
             **self._inter_node(now, before, seen),
+            **self._context(now, before),
             **{f"mem_{k}_bytes": v for k, v in self.engine.model_state_bytes().items()},
             "peak_mem_mb": peak_memory_mb(self.info.device),
             **self.engine.metrics(),
@@ -155,6 +160,14 @@ class Metrics(Component):
         if not seen or comms is None or comms.dp.layout.nodes == 1:
             return {}
         return {"inter_node_bytes_per_step": (now[4] - before[4]) / self._steps}
+
+    def _context(self, now, before) -> dict:
+        """Context parallelism's traffic per optimizer step, this rank's (every rank sends alike):
+        bytes sent to the other cp ranks, and seconds blocked waiting for theirs."""
+        if self.cp_comm is None:
+            return {}
+        return {"cp_bytes_per_step": (now[5] - before[5]) / self._steps,
+                "cp_wait_s_per_step": (now[6] - before[6]) / self._steps}
 
     def _moe(self, now, before) -> dict:
         """MoE routing of the last micro-batch (mean over ranks) and the all-to-all traffic per step."""
@@ -211,7 +224,7 @@ class Tracing(Component):
         first, last = info.loop.trace_steps
         self.engine, self.folder = engine, Path(run_dir) / "trace"
         self.first, self.last = first, min(last, end)
-        self.tracer = StepTracer(rank=info.dp_rank, device=info.device, label=engine.describe())
+        self.tracer = StepTracer(rank=info.rank, device=info.device, label=engine.describe())
 
     def _traced(self, step: int) -> bool:
         return self.first <= step <= self.last
@@ -220,7 +233,7 @@ class Tracing(Component):
         if not self._traced(step):
             return
         comms = getattr(self.engine, "comms", None)  # the validator's and the metrics' traffic is not traced
-        named = {n: getattr(comms, n, None) for n in ("dp", "ep", "expert_dp")}
+        named = {n: getattr(comms, n, None) for n in ("dp", "cp", "ep", "expert_dp")}
         self.tracer.begin(step, {n: c for n, c in named.items() if c is not None})
         if hasattr(self.engine, "trace"):
             self.engine.trace = self.tracer

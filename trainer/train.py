@@ -70,7 +70,8 @@ def load_checked_data(tc: TrainConfig) -> TokenData:
                           f"vocabulary ({tokens.vocab_size}, {tc.data.kind})")
     try:  # names model.seq_len, trainer.micro_batch_size and data.val_fraction
         check_split_sizes(len(tokens.train), len(tokens.val), seq_len=tc.model.seq_len,
-                          micro_batch_size=tc.trainer.micro_batch_size, dp_size=int(os.environ.get("WORLD_SIZE", 1)))
+                          micro_batch_size=tc.trainer.micro_batch_size,
+                          dp_size=int(os.environ.get("WORLD_SIZE", 1)) // tc.parallel.cp_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return tokens
@@ -97,7 +98,7 @@ def _run(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx) -> dict:
     _quiet_other_ranks(ctx.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     p = tc.parallel
-    topology = Topology.build(MeshShape(ctx.world_size, ep=p.ep_size), ctx.device.type)
+    topology = Topology.build(MeshShape(ctx.world_size, ep=p.ep_size, cp=p.cp_size), ctx.device.type)
     table = TuningTable.load(p.tuning) if p.tuning is not None else None  # checked before the process group
     if table is not None and ctx.rank == 0:
         why = table.mismatch(world_size=ctx.world_size, layout=topology.layout, backend=ctx.backend)
@@ -105,9 +106,9 @@ def _run(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx) -> dict:
             log.warning(f"parallel.tuning={p.tuning} is not used: {why}; calibrating at start-up instead")
     comms = topology.communicators(algorithm=p.algorithm, timeout_s=p.timeout_s, table=table,
                                    tuning=Tuning(segment_bytes=int(p.segment_mb * 2**20), window=p.window))
-    # every rank reads its own shard of the data
+    # every data-parallel replica reads its own shard of the data; the ranks of a cp group read the same
     batches = ShardedBatches(tokens.train, seq_len=tc.model.seq_len, micro_batch_size=tc.trainer.micro_batch_size,
-                             dp_rank=ctx.rank, dp_size=ctx.world_size, seed=tc.trainer.seed)
+                             dp_rank=topology.data_rank, dp_size=topology.data_size, seed=tc.trainer.seed)
     torch.manual_seed(tc.trainer.seed)  # the same weights on every rank (rank 0's are broadcast anyway)
     model = DecoderLM(tc.model, tc.attention).to(ctx.device)
     manager = CheckpointManager(run_dir / "checkpoints", rank=ctx.rank, world_size=ctx.world_size,
@@ -127,21 +128,23 @@ def _run(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx) -> dict:
             template = engine.sharded_template()
             manager.load_sharded(restored.path, template)  # ZeRO: resharded to this world size by DCP
             engine.load_state_dict(EngineState(sharded=template, local=restored.rank_state["engine"]))
-            batches.load_state_dict(restored.rank_state["sampler"], reshard=restored.resharded)
-        return _loop(tc, tokens, run_dir, ctx, engine, batches, manager, comms, restored)
+            sampler = restored.rank_state["sampler"]  # another cp_size on as many ranks: another dp_size
+            batches.load_state_dict(sampler, reshard=restored.resharded or sampler.get("dp_size") != batches.dp_size)
+        return _loop(tc, tokens, run_dir, ctx, engine, batches, manager, comms, restored, topology)
     finally:
         engine.close()
         comms.close()
 
 
-def _loop(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx, engine, batches, manager, comms, restored) -> dict:
+def _loop(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx, engine, batches, manager, comms, restored,
+          topology: Topology) -> dict:
     """The loop's components around the engine's step; rank 0 logs and writes metrics."""
     t = tc.trainer
     start = restored.step if restored is not None else 0
     end = t.max_steps if t.stop_after_steps is None else min(t.max_steps, t.stop_after_steps)
     peak, peak_src = peak_flops(ctx.device, bf16=tc.precision.name != "fp32", override_tflops=t.peak_tflops)
-    info = loop.RunInfo(t, tc.model.seq_len, ctx.device, ctx.rank, ctx.world_size,
-                        engine.model.flops_per_token(tc.model.seq_len), peak)
+    info = loop.RunInfo(t, tc.model.seq_len, ctx.device, topology.data_rank, topology.data_size,
+                        engine.model.flops_per_token(tc.model.seq_len), peak, rank=ctx.rank, world_size=ctx.world_size)
     sinks, closers = (), []
     if ctx.rank == 0:
         resolved = dataclasses.asdict(tc)
@@ -156,7 +159,7 @@ def _loop(tc: TrainConfig, tokens: TokenData, run_dir: Path, ctx, engine, batche
                  + (f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})" if peak else f"peak {peak_src}")
                  + (f" | resumed from {restored.path} at step {start}" if restored is not None else ""))
     metrics = loop.Metrics(engine, comms.dp, info, loop.Validator(engine, tokens.val, comms.dp, info),
-                           ep_comm=comms.ep, sinks=sinks)
+                           ep_comm=comms.ep, cp_comm=comms.cp, sinks=sinks)
     progress = loop.Progress(metrics, total=t.max_steps, initial=start, enabled=t.progress and ctx.rank == 0)
     components = [metrics, loop.Checkpointing(manager, engine, batches, every=t.ckpt_every, end=end,
                                               metrics=metrics), progress]

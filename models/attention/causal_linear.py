@@ -41,8 +41,13 @@ def causal_linear_attention(
     eps: float = 1e-6,
     normalize: bool = True,
     key_log_scale: torch.Tensor | None = None,
+    initial: tuple | None = None,
 ) -> torch.Tensor:
-    """phi_q, phi_k (B, H, T, F), v (B, H, T, D), key_log_scale (B, H, T) or None -> (B, H, T, D)."""
+    """phi_q, phi_k (B, H, T, F), v (B, H, T, D), key_log_scale (B, H, T) or None -> (B, H, T, D).
+
+    initial = (S (B, H, F, D), z (B, H, F) or None, log-scale (B, H) or None): the state of every
+    token before this slice (context parallelism, see state_passing.py), at scale exp(-scale) when
+    key_log_scale is given (the scale must not exceed key_log_scale[..., 0]). None: nothing before."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = _compute_dtype(phi_q, phi_k, v)
@@ -56,6 +61,12 @@ def causal_linear_attention(
         state = q.new_zeros(B, H, F, D)  # sum over earlier chunks of phi(k_j) v_j^T
         norm = q.new_zeros(B, H, F)  # sum over earlier chunks of phi(k_j)
         state_scale = None if c_all is None else c_all[:, :, 0]  # (B, H) log-scale of state
+        if initial is not None:
+            init_state, init_norm, init_scale = initial
+            state = init_state.to(dtype)
+            norm = init_norm.to(dtype) if init_norm is not None else norm
+            if c_all is not None and init_scale is not None:
+                state_scale = init_scale.to(dtype)
         outputs = []
         # one split up front: slicing inside the loop would make each slice's backward
         # write a zero-filled full (B, H, T, F) gradient, O(T^2 / C) work in all

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..rope import RotaryEmbedding
+from .state_passing import earlier_sum
 
 
 def _chunk_len(seq_len: int, chunk_size: int) -> int:
@@ -17,7 +18,7 @@ def _chunk_len(seq_len: int, chunk_size: int) -> int:
 
 
 def gau_mixing(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, lin_k: torch.Tensor,
-               v: torch.Tensor, chunk_size: int) -> torch.Tensor:
+               v: torch.Tensor, chunk_size: int, initial: torch.Tensor | None = None) -> torch.Tensor:
     """FLASH mixing, chunk-wise in O(T): q/k (B, T, s), v (B, T, e) -> (B, T, e) in float32 (float64).
 
     With chunks of C = chunk_size tokens (position t is in chunk t // C):
@@ -25,6 +26,9 @@ def gau_mixing(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, 
             + sum_{j in earlier chunks} (lq_i . lk_j / sqrt(s)) / C * v_j
     Both terms divide by the configured C, never by the actual (possibly shorter)
     chunk or sequence length, so an output never depends on how many tokens follow it.
+
+    initial (B, s, e): sum of lk_j^T v_j over every token before this slice (context parallelism:
+    the earlier ranks' chunks, whole ones, as the config requires), added to every chunk's prefix.
     """
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in (quad_q, v)) else torch.float32
     B, T, s = quad_q.shape
@@ -45,6 +49,8 @@ def gau_mixing(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, 
         # Exclusive prefix sum: chunk n sees the states of chunks 0..n-1 only.
         # (Shift then cumsum, not cumsum minus self: no cancellation error.)
         earlier_states = torch.cat((torch.zeros_like(chunk_states[:, :1]), chunk_states[:, :-1]), dim=1).cumsum(dim=1)
+        if initial is not None:
+            earlier_states = earlier_states + initial.to(dtype)[:, None]
         lin = (lq @ earlier_states) * (scale / chunk_size)  # (B, N, L, e)
         return (quad + lin).reshape(B, n_chunks * L, e)[:, :T]
 
@@ -75,6 +81,10 @@ class GatedAttentionUnit(nn.Module):
     Separate Q/K for the quadratic and the linear part follow FLASH. RoPE, when on,
     rotates all four (half-split pairing over s). gamma starts at 1 and beta at 0.
     Single-headed: n_heads does not apply. `out_proj` is a residual output projection.
+
+    Context parallelism (`self.cp`, contiguous slices of whole chunks): the quadratic part stays
+    inside a chunk, hence inside the rank; the linear part starts from the earlier ranks' sum of
+    lk^T V (s x e per sequence, one all-gather, state_passing.py).
     """
 
     replaces_mlp = True
@@ -90,6 +100,8 @@ class GatedAttentionUnit(nn.Module):
         self.qk_offset = nn.Parameter(torch.zeros(4, shared_dim))
         self.out_proj = nn.Linear(self.expanded_dim, d_model, bias=False)
         self.rope = RotaryEmbedding(shared_dim, rope_theta) if rope else None
+        self.cp = None
+        """Context parallelism: a handed-in ContextShard (x holds this rank's tokens), or None."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         e, s = self.expanded_dim, self.shared_dim
@@ -97,9 +109,19 @@ class GatedAttentionUnit(nn.Module):
         qk = z[..., None, :] * self.qk_scale + self.qk_offset  # (B, T, 4, s)
         parts = qk.unbind(dim=-2)
         if self.rope is not None:
-            parts = [self.rope(p) for p in parts]
-        mixed = gau_mixing(*parts, v, self.chunk_size)  # (B, T, e)
+            pos = None if self.cp is None else self.cp.positions(x.shape[1] * self.cp.size, x.device)
+            parts = [self.rope(p, pos) for p in parts]
+        initial = self._earlier_ranks(parts[3], v) if self.cp is not None else None
+        mixed = gau_mixing(*parts, v, self.chunk_size, *([initial] if initial is not None else []))  # (B, T, e)
         return self.out_proj(u * mixed.to(u.dtype))
+
+    def _earlier_ranks(self, lin_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Sum over the earlier cp ranks of lk^T V (B, s, e), in >= float32."""
+        dtype = torch.float64 if torch.float64 in (lin_k.dtype, v.dtype) else torch.float32
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            state = lin_k.to(dtype).transpose(-1, -2) @ v.to(dtype)  # (B, s, e)
+            earlier, _ = earlier_sum(self.cp, state)
+        return earlier
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of the mixing: 2 L (s + e) quadratic + 4 s e linear per token, padding counted."""

@@ -40,10 +40,18 @@ class MultiHeadAttentionBase(nn.Module):
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope else None
+        self.cp = None
+        """Context parallelism: an object handed in (a ContextShard) when each rank holds part of
+        every sequence; x then carries this rank's T/K tokens. None: the whole sequence is here."""
+
+    def positions(self, local_len: int, device) -> torch.Tensor | None:
+        """The global positions of this rank's tokens under context parallelism, else None (0..T-1)."""
+        return None if self.cp is None else self.cp.positions(local_len * self.cp.size, device)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> q, k, v each (B, H, T, D); q and k rotated when RoPE is on."""
+        """(B, T, C) -> q, k, v each (B, H, T, D); q and k rotated when RoPE is on (global positions)."""
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            pos = self.positions(x.shape[1], x.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k, v

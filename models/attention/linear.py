@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from .causal_linear import causal_linear_attention, chunked_linear_attention_flops
 from .heads import MultiHeadAttentionBase, merge_heads
+from .state_passing import initial_state
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +26,9 @@ class LinearAttention(MultiHeadAttentionBase):
     denominator phi(q) z could reach 0; rotating first keeps every score positive
     and the formula of docs/design.md exact, at the cost of the relative-position identity
     holding only for the pre-feature dot product.
+
+    Context parallelism (`self.cp`): the chunk loop starts from the earlier ranks' S and z
+    (state_passing.py), so the output is the one-rank formula's.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, chunk_size: int = 64, eps: float = 1e-6,
@@ -35,7 +39,10 @@ class LinearAttention(MultiHeadAttentionBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         q, k, v = self.project_qkv(x)  # (B, H, T, D) each
-        out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.chunk_size, self.eps)
+        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        initial = initial_state(self.cp, phi_k, v, normalize=True) if self.cp is not None else None
+        out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps,
+                                      **({"initial": initial} if initial is not None else {}))
         return self.out_proj(merge_heads(out.to(v.dtype)))
 
     def flops_per_token(self, seq_len: int) -> float:

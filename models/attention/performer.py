@@ -6,7 +6,8 @@ import torch
 
 from .causal_linear import causal_linear_attention, chunked_linear_attention_flops
 from .heads import MultiHeadAttentionBase, merge_heads
-from .random_features import draw_orthogonal_features, feature_seed_for, key_features, query_features
+from .random_features import _favor_logits, draw_orthogonal_features, feature_seed_for, key_features, query_features
+from .state_passing import earlier_sum, local_state, pack, unpack
 
 
 class PerformerAttention(MultiHeadAttentionBase):
@@ -22,6 +23,11 @@ class PerformerAttention(MultiHeadAttentionBase):
     `set_step(step)` redraws when redraw_interval > 0 and step % redraw_interval == 0,
     from the seed feature_seed_for(feature_seed, layer_idx, step); construction draws
     with step 0.
+
+    Context parallelism (`self.cp`, contiguous slices): rank c's key running max starts from the
+    max over the earlier ranks' keys (a small no-gradient all-gather of each rank's max), and it
+    starts its chunk loop from the earlier ranks' S and z, each rescaled from its own last running
+    max to the common one (state_passing.py): exactly the one-rank formula.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, nb_features: int = 256, redraw_interval: int = 1000,
@@ -54,9 +60,28 @@ class PerformerAttention(MultiHeadAttentionBase):
         with torch.autocast(device_type=x.device.type, enabled=False):
             w = self.projection.to(dtype)  # (m, D)
             phi_q = query_features(q.to(dtype), w)  # (B, H, T, m)
-            phi_k, key_scale = key_features(k.to(dtype), w)  # (B, H, T, m), (B, H, T)
-            out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, key_log_scale=key_scale)
+            if self.cp is None:
+                phi_k, key_scale = key_features(k.to(dtype), w)  # (B, H, T, m), (B, H, T)
+                initial = None
+            else:
+                phi_k, key_scale, initial = self._with_earlier_ranks(k.to(dtype), v.to(dtype), w)
+            out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, key_log_scale=key_scale,
+                                          **({"initial": initial} if initial is not None else {}))
         return self.out_proj(merge_heads(out.to(v.dtype)))
+
+    def _with_earlier_ranks(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
+        """Key features on the running max of the whole sequence so far, and the earlier ranks' state."""
+        cp = self.cp
+        with torch.no_grad():  # the stabiliser is a constant (see random_features.py)
+            local_max = _favor_logits(k, w).amax(dim=(-1, -2))  # (B, H)
+            maxima = cp.all_gather(local_max)  # (K, B, H)
+            ends = maxima.cummax(dim=0).values  # (K, B, H): rank r's running max at its last key
+        start = ends[cp.rank - 1] if cp.rank > 0 else None
+        phi_k, key_scale = key_features(k, w, start)
+        state, norm = local_state(phi_k, v, key_scale)  # at scale exp(-ends[rank])
+        earlier, top = earlier_sum(cp, pack(state, norm), ends)
+        initial = (*unpack(earlier, True), top if top is not None else key_scale[..., 0])
+        return phi_k, key_scale, initial
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: q and k feature projections (2 * 2 D m per head) plus the chunk-wise mixing."""

@@ -11,6 +11,9 @@ denominator of the attention ratio (up to its eps):
   causal helper puts all keys j <= i back on query i's common scale exp(-c_i) (see
   causal_linear.py `key_log_scale`). A global max over all keys, as the original
   non-causal code uses, would let future keys change past outputs through eps.
+Both stabilisers are detached (constants for autograd): they cancel between numerator and
+denominator up to eps, and under context parallelism the key's running max may come from
+another rank, whose argmax a gradient could not reach without traffic of its own.
 The projection w (m, D) is orthogonal within each block of D rows (QR of a Gaussian
 matrix) and each row is rescaled to the norm of an independent Gaussian vector, so
 rows are marginally Gaussian. It is drawn on the CPU in float64 from a
@@ -66,12 +69,17 @@ def _favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 def query_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """phi(q) with the per-query max stabiliser: (..., T, D) -> (..., T, m), entries in (0, 1/sqrt(m)]."""
     logits = _favor_logits(x, projection)
-    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
     return torch.exp(logits) / math.sqrt(projection.shape[0])
 
 
-def key_features(x: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi(k) / exp(c_j) and the running-max log-scale c: (B, H, T, D) -> (B, H, T, m), (B, H, T)."""
+def key_features(x: torch.Tensor, projection: torch.Tensor, start: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(k) / exp(c_j) and the running-max log-scale c: (B, H, T, D) -> (B, H, T, m), (B, H, T).
+
+    start (B, H): the max over the keys before this slice (context parallelism), or None."""
     logits = _favor_logits(x, projection)
-    running_max = logits.amax(dim=-1).cummax(dim=-1).values  # (B, H, T), non-decreasing in T
+    running_max = logits.amax(dim=-1).detach().cummax(dim=-1).values  # (B, H, T), non-decreasing in T
+    if start is not None:
+        running_max = torch.maximum(running_max, start[..., None])
     return torch.exp(logits - running_max[..., None]) / math.sqrt(projection.shape[0]), running_max

@@ -13,6 +13,8 @@ class SoftmaxAttention(MultiHeadAttentionBase):
 
     The mask is top-left aligned (query i sees keys 0..i), as `is_causal=True` gives
     when query and key lengths are equal. `out_proj` is a residual output projection.
+    Under context parallelism (`self.cp`, balanced layout) the keys held elsewhere come by ring
+    attention (parallel/ring_attention.py, through the handed-in shard).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, rope: bool = True, rope_theta: float = 10000.0):
@@ -20,7 +22,10 @@ class SoftmaxAttention(MultiHeadAttentionBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         q, k, v = self.project_qkv(x)  # (B, H, T, D) each
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        if self.cp is not None:
+            out = self.cp.attention(q, k, v)  # (B, H, T/K, D): this rank's queries over the whole sequence
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.out_proj(merge_heads(out))
 
     def flops_per_token(self, seq_len: int) -> float:

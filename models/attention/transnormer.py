@@ -13,6 +13,7 @@ from ..norm import rms_normalize
 from .causal_linear import causal_linear_attention, chunked_linear_attention_flops
 from .heads import MultiHeadAttentionBase, merge_heads
 from .linear import elu_feature_map
+from .state_passing import initial_state
 
 
 class NormAttention(MultiHeadAttentionBase):
@@ -23,7 +24,8 @@ class NormAttention(MultiHeadAttentionBase):
     head's D channels (statistics per head, eps = attention.eps) followed by a
     learned gain per channel (H*D values, init 1). RoPE, when on, rotates q and k
     before the feature map (as in linear.py). Chunk-wise via the shared helper with
-    normalize=False; states in float32.
+    normalize=False; states in float32. Context parallelism: the earlier ranks' S as the initial
+    state (state_passing.py); no normaliser travels.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, chunk_size: int = 64, eps: float = 1e-6,
@@ -35,8 +37,10 @@ class NormAttention(MultiHeadAttentionBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         q, k, v = self.project_qkv(x)  # (B, H, T, D) each
-        out = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, self.chunk_size,
-                                      normalize=False)  # (B, H, T, D), float32
+        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        initial = initial_state(self.cp, phi_k, v, normalize=False) if self.cp is not None else None
+        out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, normalize=False,
+                                      **({"initial": initial} if initial is not None else {}))  # (B, H, T, D), float32
         out = rms_normalize(out, self.eps) * self.norm_weight.to(out.dtype)
         return self.out_proj(merge_heads(out.to(v.dtype)))
 
@@ -53,6 +57,7 @@ class DiagAttention(MultiHeadAttentionBase):
     matrix is block-diagonal, each block causal (top-left aligned). A ragged last block is
     padded at its end, which no real query can see (the pads come after it), then cut off.
     O(T * block_size) time and memory. RoPE rotates q and k with their global positions.
+    Context parallelism: the config keeps every block inside one rank's slice, so nothing travels.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, block_size: int = 64, rope: bool = True,

@@ -242,25 +242,28 @@ def half_sum(rank: int, world: int, p: int) -> dict[str, float]:
     return out
 
 
-def topology_groups(rank: int, world: int, ep_size: int) -> dict:
+def topology_groups(rank: int, world: int, ep_size: int, cp_size: int = 1) -> dict:
     """The ranks of each named group of the mesh this rank belongs to, an all-reduce over each,
     and which communicators the mesh hands a parallelized model."""
     import torch.distributed as dist
 
     from parallel.mesh import MeshShape, Topology
 
-    topo = Topology.build(MeshShape(world, ep=ep_size))
-    out = {"sizes": {n: topo.size(n) for n in ("dp", "ep", "expert_dp")}, "ep_rank": topo.rank_in("ep")}
-    for name in ("dp", "ep", "expert_dp"):
+    topo = Topology.build(MeshShape(world, ep=ep_size, cp=cp_size))
+    names = ("dp", "ep", "expert_dp") + (("cp",) if cp_size > 1 else ())
+    out = {"sizes": {n: topo.size(n) for n in names}, "ep_rank": topo.rank_in("ep"),
+           "data": (topo.data_rank, topo.data_size),
+           "instances": {n: topo.instances(n) for n in names}}
+    for name in names:
         g = topo.group(name)
         out[name] = dist.get_process_group_ranks(g)
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=g)
         out[name + "_sum"] = t.item()
-    groups = [topo.group(n) for n in ("dp", "ep", "expert_dp")]
+    groups = [topo.group(n) for n in names]
     out["distinct_groups"] = len({id(g) for g in groups}) == len(groups)
     comms = topo.communicators(algorithm="ring")
-    out["communicators"] = sorted(k for k in ("dp", "ep", "expert_dp") if getattr(comms, k) is not None)
+    out["communicators"] = sorted(k for k in ("dp", "cp", "ep", "expert_dp") if getattr(comms, k) is not None)
     comms.close()
     return out
 

@@ -8,6 +8,7 @@ import torch
 
 from models.config import AttentionConfig, ModelConfig
 from models.transformer import DecoderLM
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.collectives import Communicator
 from parallel.data_parallel import apply_ddp
 from parallel.memory import measured_model_state_bytes
@@ -35,7 +36,7 @@ def _adamw(groups):
 
 def zero_matches_single_process(rank: int, world: int, stage: int, accum: int = 2, steps: int = 3,
                                 per_rank: int = 2, algorithm: str = "ring", bucket_mb: float = 0.01,
-                                attention: str = "softmax") -> dict:
+                                attention: str = "softmax", activation_checkpointing: str = "none") -> dict:
     """ZeRO weights after `steps` AdamW steps (accumulation, clipping) equal one process
     trained on the global batches. The reference is a fresh model built before apply_zero
     with rank 0's seed: the ranks start from different weights, the broadcast makes them
@@ -43,6 +44,7 @@ def zero_matches_single_process(rank: int, world: int, stage: int, accum: int = 
     ref = _model(100, attention)                  # rank 0's initial weights
     model = _model(100 + rank, attention)         # different per rank: the broadcast must fix it
     comm = Communicator(None, algorithm=algorithm)
+    apply_activation_checkpointing(list(model.blocks), activation_checkpointing)  # before the hooks, as parallelize
     zero = apply_zero(model, Comms(dp=comm), stage=stage, param_groups=model.param_groups(0.1), bucket_mb=bucket_mb,
                       blocks=list(model.blocks))
     opt = zero.build_optimizer(_adamw)

@@ -89,6 +89,13 @@ def _module(name: str):
 
 def check_config(tc, *, cuda: bool) -> None:
     """What the chosen engine cannot run (its module's `check`): raises ValueError naming the keys."""
+    if tc.engine != "native":  # both need the model's own forward and ringtrain's cp group
+        if tc.parallel.cp_size > 1:
+            raise ValueError(f"parallel.cp_size={tc.parallel.cp_size} (context parallelism) runs with engine=native; "
+                             f"got engine={tc.engine}")
+        if tc.trainer.activation_checkpointing != "none":
+            raise ValueError(f"trainer.activation_checkpointing={tc.trainer.activation_checkpointing} runs with "
+                             f"engine=native; got engine={tc.engine}")
     _module(tc.engine).check(tc, cuda=cuda)
 
 

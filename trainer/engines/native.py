@@ -34,7 +34,8 @@ class NativeEngine:
         self.parallel_name, self.precision_name = parallel.name, precision.name
         # half parameters in compute, float32 masters inside the wrapper; gradients travel in reduce_dtype
         self.policy = PrecisionPolicy.from_name(precision.name, grad_reduce=precision.grad_reduce)
-        self.wrapper = parallelize(model, comms, parallel, self.policy, weight_decay=optim.weight_decay)
+        self.wrapper = parallelize(model, comms, parallel, self.policy, weight_decay=optim.weight_decay,
+                                   activation_checkpointing=loop.activation_checkpointing)
         self.optimizer = self.wrapper.build_optimizer(adamw_factory(optim))
         self.scaler = build_loss_scaler(self.policy, precision)  # fp16 only
         self.optim_cfg, self.max_steps, self.grad_accum = optim, loop.max_steps, loop.grad_accum
@@ -121,8 +122,9 @@ class NativeEngine:
         return self.comms.dp.stats
 
     def describe(self) -> str:
+        cp = getattr(self.model, "cp", None)
         return (f"engine native, {self.parallel_name}, {self.precision_name} "
-                f"over {self.comms.dp.algorithm}")
+                f"over {self.comms.dp.algorithm}" + (f", {cp.describe()}" if cp is not None else ""))
 
     def close(self) -> None:
         pass

@@ -61,13 +61,16 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = tables
         return tables
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., T, D) -> (..., T, D). positions (T,) int64: each token's place in its sequence
-        (context parallelism holds a sequence's tokens out of order); None = 0 .. T-1."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, seq_len: int | None = None
+                ) -> torch.Tensor:
+        """(..., T, D) -> (..., T, D). positions (T,) int64, each below seq_len: every token's place
+        in its sequence of seq_len tokens (context parallelism holds a sequence's tokens, out of
+        order); None = 0 .. T-1. seq_len is given, not read off positions, to keep the GPU from
+        waiting on a max."""
         if positions is None:
             cos, sin = self.cos_sin(x.shape[-2], x.device)
         else:
-            cos, sin = self.cos_sin(int(positions.max()) + 1, x.device)
+            cos, sin = self.cos_sin(seq_len, x.device)
             cos, sin = cos[positions], sin[positions]
         return apply_rope(x, cos, sin)
 

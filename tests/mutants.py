@@ -357,6 +357,11 @@ MUTANTS: list[Mutant] = [
            "return None",
            ("tests/test_cp_attention.py::test_layer_equals_one_process[transnormer-diag-2]",),
            "RoPE rotates a cp rank's tokens by their local positions"),
+    Mutant("performer-rescale-overflows", "models/attention/state_passing.py",
+           "(log_scales - (top if top is not None else log_scales[0])).clamp(max=0)",
+           "(log_scales - (top if top is not None else log_scales[0]))",
+           ("tests/test_cp_attention.py::test_performer_ranks_with_far_apart_key_maxima_stay_finite",),
+           "later ranks' unused rescaling weights overflow to inf, and the mask makes them nan"),
 ]
 
 

@@ -5,13 +5,11 @@ figures are whatever this machine gives; only what must hold exactly is checked.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 
-from bench_files import ENV, ROOT, check_outputs, launch
-from trainer.bench.context import COLUMNS
+from bench_files import check_outputs, launch
+from trainer.bench.context import COLUMNS, parse_args
 from trainer.bench.context_summary import budget_length
 
 D_MODEL, HEADS, LAYERS, BATCH = 32, 2, 1, 1
@@ -80,8 +78,8 @@ def test_budget_length_interpolates_on_the_log_log_curve():
     assert budget_length(mem, 50.0)[:2] == (None, None)
 
 
-def test_a_layout_that_cannot_split_stops_at_parsing():
-    proc = subprocess.run([sys.executable, "-m", "trainer.bench.context", "--attention", "gau", "--cp", "4",
-                           "--min-len", "512", "--seq-len", "512"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "--cp" in proc.stderr and "attention.chunk_size" in proc.stderr, proc.stderr
+def test_a_layout_that_cannot_split_stops_at_parsing(capsys):
+    with pytest.raises(SystemExit) as stop:  # 512 tokens over 4 ranks: 128 each, under one GAU chunk of 256
+        parse_args(["--attention", "gau", "--cp", "1,4", "--min-len", "512", "--seq-len", "512"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--cp" in err and "attention.chunk_size" in err, err

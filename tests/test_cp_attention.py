@@ -37,3 +37,7 @@ def test_state_passing_bytes_do_not_grow_with_the_sequence(pools, kind, layer_id
         # one communicator per length: the longer sequence sends exactly what the shorter one did
         assert sent[K * 8] == formula(K), (kind, sent, formula(K))
         assert sent[K * 32] == sent[K * 8], (kind, sent)
+
+
+def test_performer_ranks_with_far_apart_key_maxima_stay_finite(pools):
+    assert pools(4).run("cp_attention_cases:performer_far_apart_maxima")[:2] == [True, True]

@@ -109,8 +109,9 @@ class GatedAttentionUnit(nn.Module):
         qk = z[..., None, :] * self.qk_scale + self.qk_offset  # (B, T, 4, s)
         parts = qk.unbind(dim=-2)
         if self.rope is not None:
-            pos = None if self.cp is None else self.cp.positions(x.shape[1] * self.cp.size, x.device)
-            parts = [self.rope(p, pos) for p in parts]
+            whole = None if self.cp is None else x.shape[1] * self.cp.size
+            pos = None if self.cp is None else self.cp.positions(whole, x.device)
+            parts = [self.rope(p, pos, whole) for p in parts]
         initial = self._earlier_ranks(parts[3], v) if self.cp is not None else None
         mixed = gau_mixing(*parts, v, self.chunk_size, *([initial] if initial is not None else []))  # (B, T, e)
         return self.out_proj(u * mixed.to(u.dtype))

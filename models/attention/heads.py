@@ -53,5 +53,6 @@ class MultiHeadAttentionBase(nn.Module):
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv_proj(x).chunk(3, dim=-1))
         if self.rope is not None:
             pos = self.positions(x.shape[1], x.device)
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            whole = None if self.cp is None else x.shape[1] * self.cp.size
+            q, k = self.rope(q, pos, whole), self.rope(k, pos, whole)
         return q, k, v

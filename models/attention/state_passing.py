@@ -44,7 +44,9 @@ def earlier_sum(cp, packed: torch.Tensor, log_scales: torch.Tensor | None = None
     if log_scales is None:
         return cp.earlier_sum(packed), None
     top = log_scales[:c].amax(dim=0) if c > 0 else None  # (B, H)
-    weights = torch.exp(log_scales - (top if top is not None else log_scales[0]))  # (K, B, H); used for r < c
+    # used for r < c only, where m_r <= M; the clamp keeps the unused slots (later ranks, whose
+    # maxima may lie far above) from overflowing to inf, which the mask's 0 would turn into nan
+    weights = torch.exp((log_scales - (top if top is not None else log_scales[0])).clamp(max=0))  # (K, B, H)
     weights = weights.reshape(*weights.shape, *([1] * (packed.dim() - weights.dim() + 1)))
     return cp.earlier_sum(packed, weights), top
 

@@ -71,3 +71,26 @@ def layer_matches_single_process(rank: int, world: int, kind: str, K: int, T: in
         for (name, _), grad, q in zip(layer.named_parameters(), grads, ref.parameters()):
             torch.testing.assert_close(grad, q.grad, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
     return sent
+
+
+def performer_far_apart_maxima(rank: int, world: int) -> bool | None:
+    """float32 Performer on cp 2 whose first rank's keys have logits far below the second's (beyond
+    exp's float32 range apart): the rescaling of earlier states must not overflow, and the output
+    still equals the one-process layer's within float32 rounding."""
+    group = _group(rank, 2)
+    if group is None:
+        return None
+    ref = _layer("performer", 16, 4, 0).float()
+    layer = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 16, C, generator=g)
+    x[:, :8] *= 60.0  # the first rank's keys: logits hundreds below the second's (the -|k|^2 / 2 term)
+    out_ref = ref(x)
+    comm = Communicator(group)
+    shard = ContextShard(comm, layout="contiguous")
+    layer.cp = shard
+    out = layer(shard.local(x))
+    comm.close()
+    assert torch.isfinite(out_ref).all() and torch.isfinite(out).all(), "not finite"
+    torch.testing.assert_close(out, shard.local(out_ref.detach()), rtol=1e-4, atol=1e-5)
+    return True

@@ -344,7 +344,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_cp_attention.py::test_layer_equals_one_process[performer-layer-3]",),
            "Performer's running max restarts on every cp rank"),
     Mutant("performer-earlier-states-not-rescaled", "models/attention/state_passing.py",
-           "weights = torch.exp(log_scales - (top if top is not None else log_scales[0]))",
+           "weights = torch.exp((log_scales - (top if top is not None else log_scales[0])).clamp(max=0))",
            "weights = torch.ones_like(log_scales)",
            ("tests/test_cp_attention.py::test_layer_equals_one_process[performer-layer-3]",),
            "earlier ranks' Performer states summed at their own scales"),

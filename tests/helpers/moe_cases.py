@@ -204,6 +204,8 @@ def ep_data_parallel_matches_single_process(rank: int, world: int, parallels=("d
         got = out[name].pop("weights")
         assert got.keys() == want.keys()
         for k in want:
-            # measured here: worst 1.2e-7 (an ulp of a norm gain near 1)
-            assert_close(got[k], want[k], rtol=1e-6, atol=5e-7, msg=lambda m, k=k: f"{name} {k}: {m}")
+            # measured: worst 1.2e-7 (an ulp of a norm gain near 1) on the machine this was written on;
+            # 5.1e-7 on an AMD EPYC (one qkv element of 768: its matmuls sum in another order, and three
+            # Adam steps of lr 3e-3 amplify that where the second moment is small)
+            assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{name} {k}: {m}")
     return out

@@ -4,11 +4,12 @@ figures are whatever this machine gives; only what must hold exactly is checked.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from bench_files import check_outputs, launch
+from bench_files import check_outputs, launch, run_bench
 from trainer.bench.context import COLUMNS, parse_args
 from trainer.bench.context_summary import budget_length
 
@@ -16,12 +17,12 @@ D_MODEL, HEADS, LAYERS, BATCH = 32, 2, 1, 1
 ARGS = ["--attention", "linear,softmax", "--softmax-methods", "ring", "--cp", "1,2", "--min-len", "256",
         "--seq-len", "512", "--d-model", str(D_MODEL), "--n-heads", str(HEADS), "--n-layers", str(LAYERS),
         "--batch", str(BATCH), "--warmup", "0", "--iters", "1", "--trials", "1", "--prime-len", "64",
-        "--mem-budget-mb", "1", "--case-timeout", "120"]
+        "--case-timeout", "120"]
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    return launch(tmp_path_factory, "context", ARGS, timeout=600)
+    return launch(tmp_path_factory, "context", [*ARGS, "--mem-budget-mb", "1"], timeout=600)
 
 
 def _by(data) -> dict:
@@ -71,11 +72,21 @@ def test_summary_lines(bench_run):
     assert "no length ran with both methods" in stdout  # allgather was not asked for
 
 
+def test_resume_resummarizes_without_running_a_case(bench_run, tmp_path):
+    out, _, data = bench_run
+    (tmp_path / "cases.jsonl").write_text((out / "cases.jsonl").read_text())
+    stdout = run_bench("context", [*ARGS, "--mem-budget-mb", "2", "--out", str(tmp_path), "--resume"])
+    again = json.loads((tmp_path / "context.json").read_text())
+    assert "8 of 8 cases reused from cases.jsonl" in stdout and "under 2 MiB per rank" in stdout
+    assert [r["step_ms"] for r in again["results"]] == [r["step_ms"] for r in data["results"]]
+
+
 def test_budget_length_interpolates_on_the_log_log_curve():
     mem = {1024: 100.0, 2048: 200.0, 4096: 400.0}
     assert budget_length(mem, 300.0) == (2048, pytest.approx(3072.0), "interpolated")
     assert budget_length(mem, 800.0) == (4096, pytest.approx(8192.0), "extrapolated")
-    assert budget_length(mem, 50.0)[:2] == (None, None)
+    assert budget_length(mem, 50.0) == (None, pytest.approx(512.0), "extrapolated")  # from the two first
+    assert budget_length({1024: 100.0}, 300.0) == (1024, None, "none")
 
 
 def test_a_layout_that_cannot_split_stops_at_parsing(capsys):

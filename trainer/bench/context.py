@@ -7,7 +7,8 @@ at cp = 1, 2, 4, what the cp traffic is, and what the throughput costs.
 For every kind in --attention (softmax once per --softmax-methods: ring, allgather; allgather only
 at cp > 1, where it differs), every cp in --cp and every length --min-len, 2 --min-len, ... <=
 --seq-len, one case: a fresh torchrun launch of cp ranks (one thread each, so a rank's peak
-resident set is its own) that builds a DecoderLM (the shape flags, the attention settings of
+resident set is its own; at cp 1 the worker alone, a world of one, without the launcher's
+start-up) that builds a DecoderLM (the shape flags, the attention settings of
 configs/attention/<kind>.yaml, model.seq_len = T) and trains it through the native engine's real
 step (`build_engine("native")`, parallel.cp_size = cp) on one fixed batch of --batch sequences of
 T tokens, which every rank of the cp group shares and splits. One untimed priming step of cp x
@@ -22,6 +23,10 @@ and cp wait seconds per step (mean over ranks, warm-up steps included). Cases ru
 length (every kind and cp at T before 2T), so the peers a ratio compares ran close in time. A case
 past --case-timeout seconds (start-up included) is `timeout`, one killed without a result `oom`,
 and the kind's longer lengths at that cp are `skipped`; any other failure is `error`.
+
+Every finished case is appended to <out>/cases.jsonl as it finishes; `--resume` reuses those of a
+run with the same flags that was stopped half-way and runs the others (only --mem-budget-mb may
+differ: it changes the summary, not a case, so `--resume` on a finished run re-summarizes it).
 
 Outputs (trainer/bench/output.py): table.txt (every case, then the summary of context_summary.py:
 longest length under --mem-budget-mb, bytes against the formula, ring vs allgather, scaling
@@ -55,10 +60,11 @@ from parallel.mesh import MeshShape, Topology
 from ..engines import build_engine
 from . import common, flags, output
 from .attention import sequence_lengths
-from .context_summary import expected_bytes_per_layer, summarize, summary_text
+from .context_summary import case_table, expected_bytes_per_layer, figure, load_line, summarize, summary_text
 
 SHAPE = ("attention", "d_model", "n_layers", "n_heads", "mlp_ratio", "seq_len", "batch")
-FORWARDED = (*SHAPE[1:], "warmup", "iters", "trials", "seed", "algorithm", "lr", "prime_len")
+FORWARDED = ("d_model", "n_layers", "n_heads", "mlp_ratio", "batch", "warmup", "iters", "trials", "seed", "algorithm",
+             "lr", "prime_len")  # and per case --attention, --cp, --seq-len
 COLUMNS = ["variant", "kind", "method", "cp", "seq_len", "batch", "status", "tokens_per_s", "step_ms", "mem_mb",
            "cp_bytes_per_layer", "cp_bytes_expected", "cp_wait_ms_per_step", "dp_bytes_per_step", "last_loss",
            "message"]
@@ -77,20 +83,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = flags.parser("context", __doc__, shape=SHAPE, many_kinds=True, defaults={
         "attention": "softmax,linear,performer,gau,transnormer", "d_model": 64, "n_layers": 2, "n_heads": 2,
         "seq_len": 65536, "batch": 1, "warmup": 1, "iters": 2, "trials": 1})
-    ap.add_argument("--min-len", type=flags.number(), default=2048, help="shortest length; lengths double up to "
+    ap.add_argument("--min-len", type=flags.number(), default=4096, help="shortest length; lengths double up to "
                     "--seq-len")
     ap.add_argument("--cp", type=flags.names(["1", "2", "4", "8"]), default="1,2,4", help="cp sizes (ranks per case)")
     ap.add_argument("--softmax-methods", type=flags.names(["ring", "allgather"]), default="ring,allgather",
                     help="parallel.cp_softmax values softmax runs with")
-    ap.add_argument("--mem-budget-mb", type=flags.number(float, 0, above=True), default=512.0,
-                    help="per-rank memory growth budget of the summary's longest-length figures")
-    ap.add_argument("--case-timeout", type=flags.number(float, 0, above=True), default=90.0,
+    ap.add_argument("--mem-budget-mb", type=flags.number(float, 0, above=True), default=256.0,
+                    help="per-rank memory growth budget of the summary's longest-length figures (the default: "
+                    "every kind crosses it at cp 1 between 4K and 16K tokens with the default shape)")
+    ap.add_argument("--case-timeout", type=flags.number(float, 0, above=True), default=60.0,
                     help="seconds per case, start-up included")
     ap.add_argument("--prime-len", type=flags.number(int, 0), default=256,
                     help="tokens per rank of the untimed priming step; 0 = none")
     ap.add_argument("--algorithm", choices=("ring", "rhd", "tree", "native"), default="ring",
                     help="ringtrain's collective algorithm (dp and cp communicators)")
     ap.add_argument("--lr", type=flags.number(float, 0, above=True), default=1e-3, help="AdamW learning rate")
+    ap.add_argument("--resume", action="store_true", help="go on from --out's cases.jsonl, which a run with the "
+                    "same flags stopped half-way left")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "METHOD", "RESULT"), help=argparse.SUPPRESS)
     a = flags.parse(ap, argv)
     a.cp = sorted(int(c) for c in a.cp)
@@ -161,11 +170,11 @@ def worker(a) -> int:
 # -- the parent: every case ------------------------------------------------------------------------
 
 def run_case(a, kind: str, method: str, cp: int, seq_len: int, result: Path) -> dict:
-    """One torchrun launch; never raises for a timeout, an OOM kill or a failing case."""
+    """One launch of the worker (cp ranks); never raises for a timeout, an OOM kill or a failing case."""
     cwd, env = flags.child_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}",
-           "-m", "trainer.bench.context", "--one", kind, method, str(result), "--attention", kind,
-           *flags.argv_of(a, FORWARDED), "--seq-len", str(seq_len), "--cp", str(cp)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}"] if cp > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "trainer.bench.context", "--one", kind, method, str(result),
+           "--attention", kind, "--cp", str(cp), "--seq-len", str(seq_len), *flags.argv_of(a, FORWARDED)]
     t0 = time.perf_counter()
     # a session of its own, so a timeout ends torchrun and every rank it started
     proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
@@ -201,25 +210,52 @@ def plan(a) -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _journal(a) -> tuple[Path, dict]:
+    """<out>/cases.jsonl, every finished case as it finishes, so a run stopped half-way (a long run on
+    a shared machine) can go on with --resume; returns it and the cases it already holds."""
+    def cases_of(values: dict) -> dict:  # the flags that decide what a case measures
+        return {k: v for k, v in values.items() if k not in ("out", "resume", "mem_budget_mb")}
+    path, same = Path(a.out) / "cases.jsonl", cases_of(vars(a))
+    done: dict = {}
+    if a.resume and not path.exists():
+        raise SystemExit(f"--resume: there is no {path} to go on from")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if a.resume:
+        head, *cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if cases_of(head) != same:
+            raise SystemExit(f"--resume: {path} was written with other flags: {head}")
+        done = {(r["variant"], r["cp"], r["seq_len"]): r for r in cases}
+    else:
+        path.write_text(json.dumps(same) + "\n")
+    return path, done
+
+
 def run_sweep(a, lengths: list[int]) -> list[dict]:
     series, records = plan(a), []
     failed: dict[tuple, tuple[str, int]] = {}
+    journal, done = _journal(a)
     with tempfile.TemporaryDirectory(prefix="bench-context-") as tmp:
         for seq_len in lengths:
             for i, (variant, kind, method, cp) in enumerate(series):
                 key = (variant, cp)
-                if key in failed:
-                    res = {"status": "skipped", "message": f"{failed[key][0]} at seq_len {failed[key][1]}"}
+                if (variant, cp, seq_len) in done:
+                    rec = {**done[(variant, cp, seq_len)], "resumed": True}
                 else:
-                    res = run_case(a, kind, method, cp, seq_len, Path(tmp) / f"{seq_len}-{i}.json")
-                    if res["status"] in FAILED:
-                        failed[key] = (res["status"], seq_len)
-                attn = attention_config(kind)
-                rec = {"variant": variant, "kind": kind, "method": method if kind == "softmax" else None, "cp": cp,
-                       "seq_len": seq_len, "batch": a.batch, **res,
-                       "cp_bytes_expected": expected_bytes_per_layer(
-                           kind, method, cp=cp, seq_len=seq_len, batch=a.batch, d_model=a.d_model,
-                           n_heads=a.n_heads, n_layers=a.n_layers, attn=attn)}
+                    load = os.getloadavg()[0]
+                    if key in failed:
+                        res = {"status": "skipped", "message": f"{failed[key][0]} at seq_len {failed[key][1]}"}
+                    else:
+                        res = run_case(a, kind, method, cp, seq_len, Path(tmp) / f"{seq_len}-{i}.json")
+                    rec = {"variant": variant, "kind": kind, "method": method if kind == "softmax" else None,
+                           "cp": cp, "seq_len": seq_len, "batch": a.batch, **res,
+                           "cp_bytes_expected": expected_bytes_per_layer(
+                               kind, method, cp=cp, seq_len=seq_len, batch=a.batch, d_model=a.d_model,
+                               n_heads=a.n_heads, n_layers=a.n_layers, attn=attention_config(kind)),
+                           "load_avg_1m": load}
+                    with open(journal, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if rec["status"] in FAILED:
+                    failed[key] = (rec["status"], seq_len)
                 records.append(rec)
                 shown = (f"{rec['tokens_per_s']:,.0f} tok/s, {rec['mem_mb']:.0f} MiB, "
                          f"{rec['cp_bytes_per_layer']:,.0f} B/layer ({rec['case_wall_s']:.0f} s)"
@@ -240,53 +276,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def _table(a, records: list[dict]) -> str:
-    rows = [[r["variant"], str(r["cp"]), str(r["seq_len"])] + (
-        [f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.0f}", f"{r['mem_mb']:.1f}", f"{r['cp_bytes_per_layer']:,.0f}",
-         f"{r['cp_bytes_expected']:,.0f}", f"{r['cp_wait_ms_per_step']:.1f}"] if r["status"] == "ok" else
-        [r["status"]] + ["-"] * 5) for r in records]
-    title = (f"# context parallelism: DecoderLM d_model {a.d_model} x {a.n_layers} layers, {a.n_heads} heads, batch "
-             f"{a.batch}, native engine ({a.algorithm}), one thread per rank, median of {a.trials} trial(s) x "
-             f"{a.iters} steps after {a.warmup} warm-up; memory = largest per-rank peak resident-set growth")
-    return output.text_table(["variant", "cp", "T", "tokens/s", "ms/step", "mem MiB", "cp B/layer", "formula B",
-                              "cp wait ms"], rows, title)
-
-
-def _plot(a, lengths: list[int], variants: list[str], records: list[dict]):
-    fig, axes = output.subplots(3, width=6.5, height=5)
-    colors = {v: f"C{i}" for i, v in enumerate(variants)}
-    styles = {1: "-", 2: "--", 4: ":", 8: "-."}
-    for ax, key, label in zip(axes, ("mem_mb", "tokens_per_s", "cp_bytes_per_layer"),
-                              ("peak memory growth per rank (MiB)", "tokens/s", "cp bytes per layer per step")):
-        for v in variants:
-            for cp in a.cp:
-                pts = [(r["seq_len"], r[key]) for r in records
-                       if r["variant"] == v and r["cp"] == cp and r["status"] == "ok" and r[key] > 0]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, color=colors[v], ls=styles.get(cp, "-"),
-                            label=f"{v} cp={cp}")
-        if key == "mem_mb":
-            ax.axhline(a.mem_budget_mb, color="grey", lw=0.8, label=f"budget {a.mem_budget_mb:g} MiB")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-        ax.set_xlabel("sequence length T")
-        ax.set_title(label, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6, ncol=2)
-    return fig
-
-
 def _report(a, lengths, variants, records, summary) -> None:
-    table = _table(a, records) + "\n\n" + summary_text(summary, variants, a.cp)
+    table = "\n\n".join([case_table(a, records), summary_text(summary, variants, a.cp), load_line(records)])
     meta = output.run_meta(
         lengths=lengths, kind_settings={k: dataclasses.asdict(attention_config(k)) for k in a.attention},
         mem_mb="max over ranks of ru_maxrss growth (peak resident set, not tensor bytes) over a baseline after the "
                "model, the engine and one priming step of cp x --prime-len tokens",
         cp_bytes_per_layer="comms.cp.stats.bytes_sent / steps / n_layers, mean over ranks",
-        tokens_per_s="T x batch / median over trials of the mean (over ranks) step time")
+        tokens_per_s="T x batch / median over trials of the mean (over ranks) step time",
+        load_avg_1m="os.getloadavg()[0] when the case started")
     output.write(a.out, "context", args=a, meta=meta, results=records, columns=COLUMNS, table=table,
-                 figure=_plot(a, lengths, variants, records), extra={"summary": summary})
+                 figure=figure(a, lengths, variants, records), extra={"summary": summary})
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = float(theta)
         self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathered: tuple | None = None  # (positions, seq_len, cos rows, sin rows), see _at
 
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, D) float32 cos and sin tables for this module's head dim and theta."""
@@ -70,9 +71,19 @@ class RotaryEmbedding(nn.Module):
         if positions is None:
             cos, sin = self.cos_sin(x.shape[-2], x.device)
         else:
-            cos, sin = self.cos_sin(seq_len, x.device)
-            cos, sin = cos[positions], sin[positions]
+            cos, sin = self._at(positions, seq_len)
         return apply_rope(x, cos, sin)
+
+    def _at(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' rows for `positions`, gathered once per positions tensor (the context-parallel
+        shard hands out the same one for every call), so q, k (GAU: four parts) and the tensors
+        autograd keeps for backward share one copy instead of one each."""
+        held = self._gathered
+        if held is None or held[0] is not positions or held[1] != seq_len:
+            cos, sin = self.cos_sin(seq_len, positions.device)
+            with torch.inference_mode(False):
+                held = self._gathered = (positions, seq_len, cos[positions], sin[positions])
+        return held[2], held[3]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"

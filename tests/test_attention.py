@@ -100,11 +100,13 @@ LENGTHS = [1, 3, 4, 8, 13]  # chunk 4: T=1, shorter than a chunk, exact multiple
 CHUNKS = [4, 16]  # 16: the chunk is longer than every T
 
 
-def _naive_linear_helper(phi_q, phi_k, v, chunk_size, eps=1e-6, normalize=True, key_log_scale=None):
+def _naive_linear_helper(phi_q, phi_k, v, chunk_size, eps=1e-6, normalize=True, key_log_scale=None, initial=None):
+    assert initial is None  # one process: nothing comes before the sequence
     return causal_linear_attention_reference(phi_q, phi_k, v, eps, normalize, key_log_scale)
 
 
-def _naive_gau_mixing(qq, qk, lq, lk, v, chunk_size):
+def _naive_gau_mixing(qq, qk, lq, lk, v, chunk_size, initial=None):
+    assert initial is None
     return gau_mixing_reference(qq, qk, lq, lk, v, chunk_size)
 
 

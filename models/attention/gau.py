@@ -113,7 +113,7 @@ class GatedAttentionUnit(nn.Module):
             pos = None if self.cp is None else self.cp.positions(whole, x.device)
             parts = [self.rope(p, pos, whole) for p in parts]
         initial = self._earlier_ranks(parts[3], v) if self.cp is not None else None
-        mixed = gau_mixing(*parts, v, self.chunk_size, *([initial] if initial is not None else []))  # (B, T, e)
+        mixed = gau_mixing(*parts, v, self.chunk_size, initial)  # (B, T, e)
         return self.out_proj(u * mixed.to(u.dtype))
 
     def _earlier_ranks(self, lin_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -41,8 +41,7 @@ class LinearAttention(MultiHeadAttentionBase):
         q, k, v = self.project_qkv(x)  # (B, H, T, D) each
         phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
         initial = initial_state(self.cp, phi_k, v, normalize=True) if self.cp is not None else None
-        out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps,
-                                      **({"initial": initial} if initial is not None else {}))
+        out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, initial=initial)
         return self.out_proj(merge_heads(out.to(v.dtype)))
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -6,7 +6,7 @@ import torch
 
 from .causal_linear import causal_linear_attention, chunked_linear_attention_flops
 from .heads import MultiHeadAttentionBase, merge_heads
-from .random_features import _favor_logits, draw_orthogonal_features, feature_seed_for, key_features, query_features
+from .random_features import draw_orthogonal_features, favor_logits, feature_seed_for, key_features, query_features
 from .state_passing import earlier_sum, local_state, pack, unpack
 
 
@@ -66,18 +66,19 @@ class PerformerAttention(MultiHeadAttentionBase):
             else:
                 phi_k, key_scale, initial = self._with_earlier_ranks(k.to(dtype), v.to(dtype), w)
             out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, self.eps, key_log_scale=key_scale,
-                                          **({"initial": initial} if initial is not None else {}))
+                                          initial=initial)
         return self.out_proj(merge_heads(out.to(v.dtype)))
 
     def _with_earlier_ranks(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
         """Key features on the running max of the whole sequence so far, and the earlier ranks' state."""
         cp = self.cp
+        logits = favor_logits(k, w)  # (B, H, T, m)
         with torch.no_grad():  # the stabiliser is a constant (see random_features.py)
-            local_max = _favor_logits(k, w).amax(dim=(-1, -2))  # (B, H)
+            local_max = logits.amax(dim=(-1, -2))  # (B, H)
             maxima = cp.all_gather(local_max)  # (K, B, H)
             ends = maxima.cummax(dim=0).values  # (K, B, H): rank r's running max at its last key
         start = ends[cp.rank - 1] if cp.rank > 0 else None
-        phi_k, key_scale = key_features(k, w, start)
+        phi_k, key_scale = key_features(k, w, start, logits=logits)
         state, norm = local_state(phi_k, v, key_scale)  # at scale exp(-ends[rank])
         earlier, top = earlier_sum(cp, pack(state, norm), ends)
         initial = (*unpack(earlier, True), top if top is not None else key_scale[..., 0])

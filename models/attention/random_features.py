@@ -60,7 +60,7 @@ def draw_orthogonal_features(nb_features: int, dim: int, seed: int) -> torch.Ten
     return directions * norms[:, None]
 
 
-def _favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+def favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """w x' - |x'|^2 / 2 for x (..., T, D), projection (m, D) -> (..., T, m)."""
     x = x * x.shape[-1] ** -0.25
     return x @ projection.T - 0.5 * (x * x).sum(dim=-1, keepdim=True)
@@ -68,17 +68,18 @@ def _favor_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 
 def query_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """phi(q) with the per-query max stabiliser: (..., T, D) -> (..., T, m), entries in (0, 1/sqrt(m)]."""
-    logits = _favor_logits(x, projection)
+    logits = favor_logits(x, projection)
     logits = logits - logits.amax(dim=-1, keepdim=True).detach()
     return torch.exp(logits) / math.sqrt(projection.shape[0])
 
 
-def key_features(x: torch.Tensor, projection: torch.Tensor, start: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def key_features(x: torch.Tensor, projection: torch.Tensor, start: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """phi(k) / exp(c_j) and the running-max log-scale c: (B, H, T, D) -> (B, H, T, m), (B, H, T).
 
-    start (B, H): the max over the keys before this slice (context parallelism), or None."""
-    logits = _favor_logits(x, projection)
+    start (B, H): the max over the keys before this slice (context parallelism), or None.
+    logits: favor_logits(x, projection) when the caller has them already."""
+    logits = favor_logits(x, projection) if logits is None else logits
     running_max = logits.amax(dim=-1).detach().cummax(dim=-1).values  # (B, H, T), non-decreasing in T
     if start is not None:
         running_max = torch.maximum(running_max, start[..., None])

@@ -40,7 +40,7 @@ class NormAttention(MultiHeadAttentionBase):
         phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
         initial = initial_state(self.cp, phi_k, v, normalize=False) if self.cp is not None else None
         out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size, normalize=False,
-                                      **({"initial": initial} if initial is not None else {}))  # (B, H, T, D), float32
+                                      initial=initial)  # (B, H, T, D), float32
         out = rms_normalize(out, self.eps) * self.norm_weight.to(out.dtype)
         return self.out_proj(merge_heads(out.to(v.dtype)))
 

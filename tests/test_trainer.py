@@ -329,26 +329,31 @@ def _native(parallel, ddp_trajectories, zero_runs):
     return ddp_trajectories[2][0] if parallel == "ddp" else _metrics(zero_runs(2, ZERO_STAGES[parallel]))
 
 
-# the same model, batches, AdamW and clipping with DeepSpeed moving the gradients: the native
-# trajectory up to the order of float32 sums, at every stage (ddp -> DeepSpeed stage 0)
-@pytest.mark.parametrize("parallel", ["ddp", "zero1", "zero2", "zero3"])
-def test_deepspeed_engine_follows_native(cache, engine_runs, zero_runs, ddp_trajectories, parallel):
-    run_dir = engine_runs("deepspeed", parallel)
-    ds, native = _metrics(run_dir), _native(parallel, ddp_trajectories, zero_runs)
-    assert len(ds) == (20 if parallel == "zero3" else 10) and _max_rel(ds, native) <= 1e-5
-    assert ds[-1]["comm_bytes_per_step"] is None and ds[-1]["peak_mem_mb"] > 0
-    # DeepSpeed ran the stage asked for: its own optimizer's record of it (kept in each rank's
-    # checkpoint state), one partition per rank
+def _assert_deepspeed_ran_stage(run_dir, steps, stage):
+    """DeepSpeed ran the stage asked for: its own optimizer's record of it (kept in each rank's
+    checkpoint state), one partition per rank."""
     from trainer.engines.deepspeed import decode
-    stage = ZERO_STAGES[parallel]
     for r in (0, 1):
-        local = torch.load(run_dir / "checkpoints" / f"step_{len(ds)}" / f"rank_{r}.pt", weights_only=True)["engine"]
+        local = torch.load(run_dir / "checkpoints" / f"step_{steps}" / f"rank_{r}.pt", weights_only=True)["engine"]
         opt = decode(local["optimizer"])
         if stage == 0:  # a plain torch optimizer state
             assert "zero_stage" not in opt and set(opt) == {"state", "param_groups"}, sorted(opt)
             continue
         counts = opt["partition_count"]  # one per parameter group (stage 3: one number)
         assert int(opt["zero_stage"]) == stage and set(counts if isinstance(counts, list) else [counts]) == {2}, r
+
+
+# the same model, batches, AdamW and clipping with DeepSpeed moving the gradients: the native
+# trajectory up to the order of float32 sums (ddp -> DeepSpeed stage 0). Stage 2 runs in the bf16
+# test below; stage 1 is DeepSpeed's stage-2 optimizer without gradient partitioning, and its
+# mapping is read by DeepSpeed's own config parser in test_deepspeed_config_maps_stage_...
+@pytest.mark.parametrize("parallel", ["ddp", "zero3"])
+def test_deepspeed_engine_follows_native(cache, engine_runs, zero_runs, ddp_trajectories, parallel):
+    run_dir = engine_runs("deepspeed", parallel)
+    ds, native = _metrics(run_dir), _native(parallel, ddp_trajectories, zero_runs)
+    assert len(ds) == (20 if parallel == "zero3" else 10) and _max_rel(ds, native) <= 1e-5
+    assert ds[-1]["comm_bytes_per_step"] is None and ds[-1]["peak_mem_mb"] > 0
+    _assert_deepspeed_ran_stage(run_dir, len(ds), ZERO_STAGES[parallel])
     if parallel == "zero3":
         got, ref = torch.load(run_dir / "checkpoints/step_20/model.pt"), ddp_trajectories[2][1]
         for k in ref:
@@ -374,7 +379,9 @@ def _assert_bf16_follows(rows, fp32_rows):
 
 def test_deepspeed_bf16_follows_native_fp32(cache, engine_runs, zero_runs):
     # DeepSpeed's bf16 (bf16 weights, float32 master copy in its ZeRO optimizer) against native fp32
-    _assert_bf16_follows(_metrics(engine_runs("deepspeed", "zero2", "bf16")), _metrics(zero_runs(2, 2)))
+    run_dir = engine_runs("deepspeed", "zero2", "bf16")
+    _assert_bf16_follows(_metrics(run_dir), _metrics(zero_runs(2, 2)))
+    _assert_deepspeed_ran_stage(run_dir, 10, 2)
 
 
 def test_deepspeed_resume_is_exact(tmp_path, cache, engine_runs):

@@ -6,6 +6,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 
+from ..process_group import abort_process
 from .config import BenchConfig, make_plan
 from .run import run_bench
 
@@ -24,3 +25,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     main()
+    abort_process(None, exit_code=0)  # no interpreter teardown: see trainer/train.py

@@ -83,6 +83,13 @@ def scrub(prefix: str) -> list[str]:
     return found
 
 
+def _default_interrupt():
+    # A shell started in the background by a non-interactive one inherits SIGINT ignored, and bash
+    # cannot trap a signal ignored at its start: the script would never see the Ctrl-C a test sends.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 class EmulatedRun:
     """The script running in a session (and process group) of its own; output in files."""
 
@@ -97,7 +104,8 @@ class EmulatedRun:
         self._err = open(Path(self._dir.name) / "stderr", "w+")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(self.argv, cwd=cwd or ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._out, stderr=self._err, start_new_session=True)
+                                     stdout=self._out, stderr=self._err, start_new_session=True,
+                                     preexec_fn=_default_interrupt)
 
     @property
     def stdout(self) -> str:

@@ -36,6 +36,7 @@ import sys
 import time
 
 import torch
+from parallel.process_group import abort_process
 
 from models.config import AttentionConfig
 
@@ -196,4 +197,4 @@ def _report(a, lengths: list[int], records: list[dict], summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

@@ -56,6 +56,7 @@ from models.transformer import DecoderLM
 from parallel.bench.timing import PeakMemory
 from parallel.context_parallel import check_context_parallel
 from parallel.mesh import MeshShape, Topology
+from parallel.process_group import abort_process
 
 from ..engines import build_engine
 from . import common, flags, output
@@ -290,4 +291,4 @@ def _report(a, lengths, variants, records, summary) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

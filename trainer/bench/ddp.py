@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from parallel.process_group import abort_process
 from torch.nn.parallel import DistributedDataParallel
 
 from ..collective_plan import plan_collectives
@@ -125,4 +126,4 @@ def _report(a, rows: list[dict], meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

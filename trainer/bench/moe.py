@@ -30,6 +30,7 @@ from torch import nn
 from models.config import MoEConfig
 from models.moe import MoELayer, capacity
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.process_group import abort_process
 
 from . import common, flags, moe_peer, output
 
@@ -231,4 +232,4 @@ def _report(a, rows: list[dict], meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

@@ -22,6 +22,7 @@ import torch
 
 from parallel.bench.timing import time_calls
 from parallel.precision import PrecisionPolicy
+from parallel.process_group import abort_process
 
 from ..mfu import peak_flops
 from . import common, flags, output
@@ -112,4 +113,4 @@ def _report(a, rows: list[dict], meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.bench.timing import PeakMemory, peak_memory_mb
+from parallel.process_group import abort_process
 
 from ..config import ParallelConfig, PrecisionConfig, TrainConfig, check_launch
 from ..structured import ConfigError
@@ -199,4 +200,4 @@ def _report(a, rows: list[dict], meta: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    abort_process(None, exit_code=main() or 0)  # no interpreter teardown: see trainer/train.py

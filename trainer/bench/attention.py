@@ -36,9 +36,9 @@ import sys
 import time
 
 import torch
-from parallel.process_group import abort_process
 
 from models.config import AttentionConfig
+from parallel.process_group import abort_process
 
 from . import flags, output
 from .attention_case import DTYPES, KIND_SETTINGS, RESULT_MARKER, make_layer, run_child

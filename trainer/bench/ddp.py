@@ -17,12 +17,12 @@ peer's weights moved; the last step's gradient norms are reported as well.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import torch
-from parallel.process_group import abort_process
 from torch.nn.parallel import DistributedDataParallel
+
+from parallel.process_group import abort_process
 
 from ..collective_plan import plan_collectives
 from ..engines import StepResult

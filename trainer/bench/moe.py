@@ -21,7 +21,6 @@ the dense model): > 1 means faster. `a2a_bytes_per_step` is what one rank sends 
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.distributed as dist

@@ -16,7 +16,6 @@ trainer/mfu.py's table).
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 
